@@ -1,0 +1,91 @@
+// BlockStore: a bounded on-disk store of cached blocks. It turns (source id, etag, index) keys
+// into files under `dir`/blocks, each a self-describing header {magic, version, crc32c, length,
+// index, source id, etag, header crc32c} followed by the data (as mountpoint's disk data cache
+// does), and evicts least-recently-used blocks to stay within a byte capacity.
+//
+// Blocks do not survive a restart yet: open() removes the block files it finds. The header
+// carries everything a later durable cache needs to re-index files at open.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+
+#include "cache/lru.h"
+#include "formats/io_counters.h"
+#include "formats/status.h"
+
+namespace imgfs::cache {
+
+// Names one cached block. `source_id` identifies the image chain (e.g. bucket key plus manifest
+// etag) and `etag` the object version it was read from; `index` counts blocks from 0.
+struct BlockKey {
+  std::string source_id;
+  std::string etag;
+  uint64_t index = 0;
+};
+
+class BlockStore {
+ public:
+  // Longest source_id or etag a block header holds.
+  static constexpr size_t kMaxIdBytes = 65536;
+
+  // Creates `dir` (mkdir -p, mode 0700; an existing dir with looser mode is chmod-ed to 0700)
+  // and its "blocks" subfolder, and removes block files and temp files left there by an earlier
+  // run. `capacity_bytes` (> 0) bounds the bytes on disk, headers included.
+  // `mount_counters` is accepted for the mount's totals but IoCounters has no store-level field
+  // yet, so nothing is counted here (CachedSource counts hits and misses).
+  // Errors: InvalidArgument (empty dir, zero capacity, a non-directory in the way), IOError.
+  static Result<std::unique_ptr<BlockStore>> open(std::string dir, uint64_t capacity_bytes,
+                                                  IoCounters* mount_counters);
+
+  // True, with `out` filled, when the block is stored and its header matches `key` exactly, its
+  // length equals out.size() and its data checksum is right. Otherwise false: a missing,
+  // unreadable, short or corrupt file is a miss, and a bad file is removed. On false the
+  // contents of `out` are unspecified. Thread-safe; file reads run outside the lock.
+  // Errors: none today (every problem with a block file is a miss).
+  Result<bool> get(const BlockKey& key, std::span<std::byte> out);
+
+  // Stores `data` as block `key` (replacing any older copy), first evicting least-recently-used
+  // blocks so that bytes_used() plus this block's file stays within capacity. A block whose
+  // file would exceed the capacity is not stored (OK is returned). Thread-safe; the data is
+  // written to a temp file outside the lock and renamed into place under it.
+  // Errors: InvalidArgument (source_id or etag longer than kMaxIdBytes), IOError (the block is
+  // then not stored; the store stays consistent).
+  Status put(const BlockKey& key, std::span<const std::byte> data);
+
+  // Bytes of the block files currently indexed (headers included). Thread-safe.
+  uint64_t bytes_used() const;
+
+  uint64_t capacity_bytes() const { return capacity_bytes_; }
+
+  // The absolute path of the folder holding the block files.
+  const std::string& blocks_dir() const { return blocks_dir_; }
+
+  // Size on disk of the file for block `key` holding `data_bytes` bytes.
+  static uint64_t file_bytes(const BlockKey& key, uint64_t data_bytes);
+
+ private:
+  BlockStore(std::string blocks_dir, uint64_t capacity_bytes)
+      : blocks_dir_(std::move(blocks_dir)), capacity_bytes_(capacity_bytes) {}
+
+  // Under mu_: unlinks the file `name` and forgets it, unless the file there now is another
+  // one than (dev, ino) (a concurrent put replaced it). ino == 0 means "expected missing":
+  // the entry is forgotten only if no file is there.
+  void drop_locked(const std::string& name, uint64_t dev, uint64_t ino);
+
+  const std::string blocks_dir_;
+  const uint64_t capacity_bytes_;
+
+  // Guards everything below. A leaf lock: nothing else is locked while it is held. Renames and
+  // unlinks of block files happen under it, so the files on disk are exactly the indexed ones
+  // plus in-flight temp files (at most reserved_bytes_).
+  mutable std::mutex mu_;
+  LruIndex<std::string> index_;  // file name -> file bytes
+  uint64_t reserved_bytes_ = 0;  // temp files being written by put
+  uint64_t next_temp_id_ = 0;
+};
+
+}  // namespace imgfs::cache

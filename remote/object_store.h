@@ -1,0 +1,46 @@
+// ObjectStore: the bucket interface. It turns keys into listings, {size, etag} and byte ranges
+// of one pinned object version. DirStore (a local directory) and the S3 store implement it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "formats/status.h"
+
+namespace imgfs::remote {
+
+// One object version: reads made with it fail once the object no longer has this etag.
+struct ObjectInfo {
+  std::string key;
+  uint64_t size = 0;
+  std::string etag;
+};
+
+class ObjectStore {
+ public:
+  virtual ~ObjectStore() = default;
+
+  // Every object whose key starts with `prefix` (recursive, no delimiter), sorted by key.
+  // Thread-safe. Errors: IOError when the store cannot be listed.
+  virtual Result<std::vector<ObjectInfo>> list(std::string_view prefix) const = 0;
+
+  // The current version of `key`. Thread-safe.
+  // Errors: NotFound if missing, InvalidArgument for a malformed key, IOError.
+  virtual Result<ObjectInfo> head(std::string_view key) const = 0;
+
+  // Fills all of `out` from [offset, offset + out.size()) of `object`, which must still have
+  // object.etag (else IOError "object K changed since it was opened (ETag ...)"). Thread-safe.
+  // Errors: IOError (I/O, changed object, short object), NotFound, InvalidArgument (bad key or
+  // a range past object.size).
+  virtual Status read_range(const ObjectInfo& object, uint64_t offset,
+                            std::span<std::byte> out) const = 0;
+
+  // One-line identity for logs: "dir:/path" or "s3://bucket/prefix".
+  virtual std::string describe() const = 0;
+};
+
+}  // namespace imgfs::remote
