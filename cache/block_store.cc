@@ -91,9 +91,9 @@ std::optional<uint32_t> check_header(std::span<const std::byte> header, const Bl
   return load_le32(p + 12);
 }
 
-// FNV-1a 64 over length-prefixed fields: a short, stable file name. Two keys whose names
-// collide share one file; the header check then turns the loser into a miss.
-std::string file_name(const BlockKey& key) {
+// FNV-1a 64 over length-prefixed fields: a short, stable file name "<hash>-<index>". Two keys
+// whose names collide share one file; the header check then turns the loser into a miss.
+std::string file_name_prefix(const std::string& source_id, const std::string& etag) {
   uint64_t hash = 0xcbf29ce484222325ull;
   auto mix = [&hash](std::span<const std::byte> bytes) {
     for (std::byte b : bytes) {
@@ -101,7 +101,7 @@ std::string file_name(const BlockKey& key) {
       hash *= 0x100000001b3ull;
     }
   };
-  for (const std::string* text : {&key.source_id, &key.etag}) {
+  for (const std::string* text : {&source_id, &etag}) {
     std::array<std::byte, 8> length;
     store_le64(length.data(), text->size());
     mix(length);
@@ -110,7 +110,11 @@ std::string file_name(const BlockKey& key) {
   static constexpr char kHex[] = "0123456789abcdef";
   std::string name(16, '0');
   for (int i = 0; i < 16; ++i) name[15 - i] = kHex[(hash >> (4 * i)) & 0xf];
-  return name + "-" + std::to_string(key.index);
+  return name + "-";
+}
+
+std::string file_name(const BlockKey& key) {
+  return file_name_prefix(key.source_id, key.etag) + std::to_string(key.index);
 }
 
 // Names open() may delete: block files ("<16 hex>-<digits>") and temp files.
@@ -307,6 +311,16 @@ Status BlockStore::put(const BlockKey& key, std::span<const std::byte> data) {
   }
   index_.insert(name, *needed);
   return Status::OK();
+}
+
+uint64_t BlockStore::bytes_used_by(const std::string& source_id, const std::string& etag) const {
+  const std::string prefix = file_name_prefix(source_id, etag);
+  uint64_t total = 0;
+  std::lock_guard lock(mu_);
+  index_.for_each([&](const std::string& name, uint64_t bytes) {
+    if (name.starts_with(prefix)) total += bytes;
+  });
+  return total;
 }
 
 uint64_t BlockStore::bytes_used() const {

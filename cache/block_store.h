@@ -59,6 +59,10 @@ class BlockStore {
   // Bytes of the block files currently indexed (headers included). Thread-safe.
   uint64_t bytes_used() const;
 
+  // Bytes of the indexed block files of one (source_id, etag), headers included. Walks the
+  // index (a few thousand entries for a typical cap), so it is for stats, not a hot path.
+  uint64_t bytes_used_by(const std::string& source_id, const std::string& etag) const;
+
   uint64_t capacity_bytes() const { return capacity_bytes_; }
 
   // The absolute path of the folder holding the block files.

@@ -49,6 +49,9 @@ class CachedSource final : public BlockSource {
   uint32_t block_size() const override { return lower_->block_size(); }
   Result<Extent> map(uint64_t offset) const override { return lower_->map(offset); }
 
+  // Bytes this source's blocks take in the store now (headers included). Thread-safe.
+  uint64_t cached_bytes() const { return store_.bytes_used_by(source_id_, etag_); }
+
  private:
   using Block = std::shared_ptr<const std::vector<std::byte>>;
 

@@ -60,6 +60,12 @@ class LruIndex {
   uint64_t total_bytes() const { return total_bytes_; }
   size_t size() const { return entries_.size(); }
 
+  // Calls fn(key, bytes) for every key, in no particular order.
+  template <typename Fn>
+  void for_each(Fn&& fn) const {
+    for (const auto& [key, entry] : entries_) fn(key, entry.bytes);
+  }
+
   // Removes least-recently-used keys until total_bytes() <= limit_bytes, and returns them,
   // oldest first.
   std::vector<Key> evict_until(uint64_t limit_bytes) {

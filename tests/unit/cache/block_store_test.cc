@@ -118,6 +118,21 @@ TEST_F(BlockStoreTest, OpenRejectsBadArguments) {
   EXPECT_FALSE(BlockStore::open(file + "/below", 1 << 20, nullptr).ok());
 }
 
+TEST_F(BlockStoreTest, BytesUsedByCountsOneSourceOnly) {
+  auto store = open_store(1 << 20);
+  const std::vector<std::byte> data = pattern_bytes(1000, 2);
+  const BlockKey other{"another-image", "etag-part", 0};
+  for (uint64_t i = 0; i < 3; ++i) {
+    ASSERT_TRUE(store->put(BlockKey{kKey.source_id, kKey.etag, i}, data).ok());
+  }
+  ASSERT_TRUE(store->put(other, data).ok());
+  EXPECT_EQ(store->bytes_used_by(kKey.source_id, kKey.etag),
+            3 * BlockStore::file_bytes(kKey, 1000));
+  EXPECT_EQ(store->bytes_used_by(other.source_id, other.etag),
+            BlockStore::file_bytes(other, 1000));
+  EXPECT_EQ(store->bytes_used_by(kKey.source_id, "another-etag"), 0u);
+}
+
 TEST_F(BlockStoreTest, PutThenGetRoundTripsWithPrivateFiles) {
   auto store = open_store(1 << 20);
   const std::vector<std::byte> data = pattern_bytes(5000, 1);

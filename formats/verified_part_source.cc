@@ -1,0 +1,185 @@
+#include "formats/verified_part_source.h"
+
+#include <openssl/evp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+namespace imgfs::formats {
+
+namespace {
+
+// Lower reads while fetching a part: large enough for efficient requests, small enough that a
+// failed request wastes little.
+constexpr uint64_t kFetchChunkBytes = uint64_t{4} << 20;
+
+using Sha1 = std::array<uint8_t, 20>;
+
+std::string to_hex(const Sha1& digest) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string hex;
+  for (uint8_t byte : digest) {
+    hex += kDigits[byte >> 4];
+    hex += kDigits[byte & 0xF];
+  }
+  return hex;
+}
+
+struct MdCtxDeleter {
+  void operator()(EVP_MD_CTX* ctx) const { EVP_MD_CTX_free(ctx); }
+};
+
+// SHA1 of `data`, fed in chunks as it would be while streaming.
+Result<Sha1> sha1_of(std::span<const std::byte> data) {
+  std::unique_ptr<EVP_MD_CTX, MdCtxDeleter> ctx(EVP_MD_CTX_new());
+  if (ctx == nullptr || EVP_DigestInit_ex(ctx.get(), EVP_sha1(), nullptr) != 1) {
+    return Status::IOError("sha1: EVP_DigestInit_ex failed");
+  }
+  for (uint64_t done = 0; done < data.size(); done += kFetchChunkBytes) {
+    const uint64_t length = std::min<uint64_t>(kFetchChunkBytes, data.size() - done);
+    if (EVP_DigestUpdate(ctx.get(), data.data() + done, length) != 1) {
+      return Status::IOError("sha1: EVP_DigestUpdate failed");
+    }
+  }
+  Sha1 digest{};
+  unsigned int length = 0;
+  if (EVP_DigestFinal_ex(ctx.get(), digest.data(), &length) != 1 || length != digest.size()) {
+    return Status::IOError("sha1: EVP_DigestFinal_ex failed");
+  }
+  return digest;
+}
+
+Status check_digest(const std::string& part_name, const Sha1& expected,
+                    std::span<const std::byte> data) {
+  Result<Sha1> actual = sha1_of(data);
+  if (!actual.ok()) return actual.status();
+  if (*actual != expected) {
+    return Status::Corruption(part_name + ": SHA1 mismatch: manifest says " + to_hex(expected) +
+                              ", data is " + to_hex(*actual));
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+VerifiedPartPool::VerifiedPartPool(uint64_t budget_bytes) : budget_bytes_(budget_bytes) {}
+
+uint64_t VerifiedPartPool::new_key() {
+  std::lock_guard lock(mu_);
+  return next_key_++;
+}
+
+VerifiedPartPool::Buffer VerifiedPartPool::find(uint64_t key) {
+  std::lock_guard lock(mu_);
+  auto it = entries_.find(key);
+  if (it == entries_.end()) return nullptr;
+  lru_.splice(lru_.begin(), lru_, it->second.lru_position);
+  return it->second.buffer;
+}
+
+void VerifiedPartPool::insert(uint64_t key, Buffer buffer) {
+  std::lock_guard lock(mu_);
+  if (auto it = entries_.find(key); it != entries_.end()) {
+    resident_bytes_ -= it->second.buffer->size();
+    lru_.erase(it->second.lru_position);
+    entries_.erase(it);
+  }
+  const uint64_t size = buffer->size();
+  if (size > budget_bytes_) return;
+  while (resident_bytes_ + size > budget_bytes_) {
+    auto victim = entries_.find(lru_.back());
+    resident_bytes_ -= victim->second.buffer->size();
+    entries_.erase(victim);
+    lru_.pop_back();
+  }
+  lru_.push_front(key);
+  entries_.emplace(key, Entry{std::move(buffer), lru_.begin()});
+  resident_bytes_ += size;
+}
+
+void VerifiedPartPool::erase(uint64_t key) {
+  std::lock_guard lock(mu_);
+  auto it = entries_.find(key);
+  if (it == entries_.end()) return;
+  resident_bytes_ -= it->second.buffer->size();
+  lru_.erase(it->second.lru_position);
+  entries_.erase(it);
+}
+
+uint64_t VerifiedPartPool::resident_bytes() const {
+  std::lock_guard lock(mu_);
+  return resident_bytes_;
+}
+
+Result<std::unique_ptr<BlockSource>> open_verified_part(std::unique_ptr<BlockSource> lower,
+                                                        std::array<uint8_t, 20> expected_sha1,
+                                                        std::string part_name,
+                                                        VerifiedPartPool& pool) {
+  if (lower == nullptr) return Status::InvalidArgument(part_name + ": null lower source");
+  // An empty part is never read (a read of it is empty), so its digest is checked here.
+  if (lower->size() == 0) {
+    if (Status s = check_digest(part_name, expected_sha1, {}); !s.ok()) return s;
+  }
+  return std::unique_ptr<BlockSource>(std::make_unique<VerifiedPartSource>(
+      std::move(lower), expected_sha1, std::move(part_name), pool));
+}
+
+VerifiedPartSource::VerifiedPartSource(std::unique_ptr<BlockSource> lower,
+                                       std::array<uint8_t, 20> expected_sha1, std::string part_name,
+                                       VerifiedPartPool& pool)
+    : lower_(std::move(lower)),
+      expected_sha1_(expected_sha1),
+      part_name_(std::move(part_name)),
+      pool_(pool),
+      pool_key_(pool.new_key()) {}
+
+VerifiedPartSource::~VerifiedPartSource() { pool_.erase(pool_key_); }
+
+Status VerifiedPartSource::read_at(uint64_t offset, std::span<std::byte> out) const {
+  if (Status s = check_read_range(*this, offset, out.size()); !s.ok()) return s;
+  if (out.empty()) return Status::OK();
+  VerifiedPartPool::Buffer buffer = pool_.find(pool_key_);
+  if (buffer == nullptr) {
+    std::unique_lock lock(mu_);
+    // Checked again under mu_: a fetch may have finished since the lookup above.
+    buffer = pool_.find(pool_key_);
+    if (buffer == nullptr && in_flight_ != nullptr) {
+      std::shared_ptr<Fill> fill = in_flight_;
+      fill_done_.wait(lock, [&] { return fill->done; });
+      if (!fill->status.ok()) return fill->status;
+      buffer = fill->buffer;
+    } else if (buffer == nullptr) {
+      auto fill = std::make_shared<Fill>();
+      in_flight_ = fill;
+      lock.unlock();
+      Result<VerifiedPartPool::Buffer> fetched = fetch_and_verify();
+      if (fetched.ok()) pool_.insert(pool_key_, *fetched);
+      lock.lock();
+      fill->done = true;
+      fill->status = fetched.status();
+      if (fetched.ok()) fill->buffer = *fetched;
+      in_flight_.reset();
+      fill_done_.notify_all();
+      if (!fetched.ok()) return fetched.status();
+      buffer = std::move(*fetched);
+    }
+  }
+  std::memcpy(out.data(), buffer->data() + offset, out.size());
+  return Status::OK();
+}
+
+Result<VerifiedPartPool::Buffer> VerifiedPartSource::fetch_and_verify() const {
+  auto bytes = std::make_shared<std::vector<std::byte>>(lower_->size());
+  for (uint64_t done = 0; done < bytes->size(); done += kFetchChunkBytes) {
+    const uint64_t length = std::min<uint64_t>(kFetchChunkBytes, bytes->size() - done);
+    Status s = lower_->read_at(done, std::span<std::byte>(bytes->data() + done, length));
+    if (!s.ok()) return s.with_context(part_name_);
+  }
+  if (Status s = check_digest(part_name_, expected_sha1_, *bytes); !s.ok()) return s;
+  return VerifiedPartPool::Buffer(std::move(bytes));
+}
+
+std::string VerifiedPartSource::describe() const { return "sha1(" + lower_->describe() + ")"; }
+
+}  // namespace imgfs::formats
