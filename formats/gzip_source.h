@@ -1,0 +1,161 @@
+// GzipSource: turns a gzip stream (one or more concatenated members) into its uncompressed bytes,
+// lazily and with random access, the zran way (FORMATS.md (c), zlib examples/zran.c).
+//
+// One "frontier" inflater walks the stream sequentially, only as far as reads need. On the way it
+// records a checkpoint (compressed offset, bit offset, packed 32 KiB window) at deflate block
+// boundaries about every span_bytes of output, and at every member start. Span i is the output
+// [checkpoint i, checkpoint i+1). Spans behind the frontier are re-inflated from their checkpoint
+// on demand and kept in a byte-bounded LRU. The frontier also checks each member's CRC32 and
+// ISIZE, the total size, and the SHA1 of the whole output against the manifest.
+//
+// Lock order: mu_ is the only lock and no lock is held across a lower read or an inflate call.
+// The frontier's inflater state belongs to the one reader that set advancing_ (under mu_); the
+// others wait on cv_. Span re-inflation is single-flight per span through decoding_.
+#pragma once
+
+#include <array>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "formats/block_source.h"
+#include "formats/gzip_index.h"
+#include "formats/status.h"
+
+namespace imgfs::formats {
+
+struct GzipOptions {
+  // The uncompressed size is the smallest n >= min_uncompressed_size with n % 2^32 == ISIZE
+  // (the last 4 bytes of the stream), read at open. Verified when the stream end is reached.
+  uint64_t min_uncompressed_size = 0;
+  // The exact uncompressed size when the caller knows it; overrides the ISIZE rule above. A stream
+  // of several members needs it: ISIZE then describes only the last member.
+  std::optional<uint64_t> exact_uncompressed_size;
+  uint64_t span_bytes = 1 << 20;         // checkpoint spacing in output bytes; > 0
+  uint64_t span_cache_bytes = 16 << 20;  // in-memory LRU of decoded spans (keeps at least one)
+  std::optional<std::array<uint8_t, 20>> expected_sha1;  // SHA1 of the whole output (tar stream)
+  // Accept also a SHA1 match over this output range instead (euca2ools <=1.3.1 digested the
+  // image, not the tar stream): {offset, length}.
+  std::optional<std::pair<uint64_t, uint64_t>> alternate_sha1_range;
+  // A read that leaves at most this many bytes before the end inflates to the end, so the
+  // end-of-stream checks (CRC32, ISIZE, SHA1) run when a reader reaches the last bytes it uses
+  // (a tar stream ends in padding nobody reads).
+  uint64_t finish_tail_bytes = 0;
+};
+
+class GzipSource final : public BlockSource {
+ public:
+  // Fixed-size pieces of a span's output. Pieces never move once allocated, so readers copy from
+  // the published part of the span being inflated while the frontier appends to it.
+  static constexpr size_t kPieceBytes = 64 * 1024;
+
+  ~GzipSource() override;
+
+  uint64_t size() const override { return size_; }
+
+  // Inflates what is needed (advancing the frontier, or re-inflating spans from checkpoints).
+  // Thread-safe; concurrent readers share one frontier inflation and one decode per span.
+  // Errors: InvalidArgument (range past size()), IOError from lower (not sticky: a later read
+  // retries), Corruption (bad deflate data, CRC32/ISIZE/size/SHA1 mismatch, trailing garbage;
+  // sticky when the frontier finds it: every later read fails too).
+  Status read_at(uint64_t offset, std::span<std::byte> out) const override;
+
+  std::string describe() const override { return "gzip(" + lower_->describe() + ")"; }
+
+  // Uncompressed bytes the frontier has inflated and published so far. Thread-safe.
+  uint64_t inflated_bytes() const;
+  // Checkpoints recorded so far (the first member start counts). Thread-safe.
+  size_t checkpoint_count() const;
+  // True once the frontier reached the end and every check passed. Thread-safe.
+  bool fully_indexed() const;
+  // Uncompressed offsets of the checkpoints recorded so far, ascending. Thread-safe.
+  std::vector<uint64_t> checkpoint_offsets() const;
+  // Bytes held by packed checkpoint windows (memory cost of the index). Thread-safe.
+  uint64_t checkpoint_window_bytes() const;
+
+ private:
+  struct Span {
+    std::vector<std::unique_ptr<std::byte[]>> pieces;  // each kPieceBytes
+  };
+  struct Frontier;
+  struct Publication;
+  friend Result<std::unique_ptr<GzipSource>> open_gzip(std::unique_ptr<BlockSource> lower,
+                                                       const GzipOptions& options);
+
+  GzipSource(std::unique_ptr<BlockSource> lower, const GzipOptions& options, uint64_t size,
+             std::unique_ptr<Frontier> frontier, GzipCheckpoint first);
+
+  // Copies some bytes at pos (< end) into dst; returns how many (> 0).
+  Result<uint64_t> read_some(uint64_t pos, uint64_t end, std::span<std::byte> dst) const;
+  // Runs the frontier until target bytes are published, the stream ends, or an error.
+  // Only the reader that set advancing_ calls it, without holding mu_.
+  Status advance_until(uint64_t target) const;
+  // One unit of frontier work: one inflate call, one trailer, or one member start.
+  Status advance_step() const;
+  Status step_body() const;
+  Status step_trailer() const;
+  Status step_next_member() const;
+  Status finish_stream() const;
+  // Reads compressed bytes at offset; errors get this layer's context.
+  Status read_lower(uint64_t offset, std::span<std::byte> out) const;
+  // Re-inflates the span starting at `checkpoint` (span_length bytes, compressed data before
+  // in_bound) and checks it against the CRC32 the frontier saw. Called without mu_.
+  Result<std::shared_ptr<const Span>> decode_span(const GzipCheckpoint& checkpoint,
+                                                  uint64_t span_length, uint64_t in_bound,
+                                                  uint32_t span_crc) const;
+  // Publishes frontier progress under mu_ and wakes waiters.
+  void publish(Publication publication) const;
+  // Makes the frontier failure sticky and returns it.
+  Status fail(Status status) const;
+
+  size_t span_index_locked(uint64_t pos) const;
+  std::shared_ptr<const Span> cache_lookup_locked(size_t index) const;
+  void cache_insert_locked(size_t index, std::shared_ptr<const Span> span, uint64_t bytes) const;
+
+  const std::unique_ptr<BlockSource> lower_;
+  const GzipOptions options_;
+  const uint64_t size_;
+  const uint64_t lower_size_;
+
+  // Owned by the reader that set advancing_; handed over through mu_.
+  const std::unique_ptr<Frontier> frontier_;
+
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  mutable Status failed_;                           // GUARDED_BY(mu_); sticky frontier error
+  mutable bool advancing_ = false;                  // GUARDED_BY(mu_)
+  mutable bool done_ = false;                       // GUARDED_BY(mu_)
+  mutable uint64_t published_out_ = 0;              // GUARDED_BY(mu_)
+  mutable std::deque<GzipCheckpoint> checkpoints_;  // GUARDED_BY(mu_); elements never change
+  mutable std::deque<uint32_t> span_crcs_;          // GUARDED_BY(mu_); CRC32 of completed spans
+  mutable uint64_t window_bytes_ = 0;               // GUARDED_BY(mu_)
+  mutable std::shared_ptr<Span> building_;          // GUARDED_BY(mu_) (the vector, not the bytes)
+  mutable std::set<size_t> decoding_;               // GUARDED_BY(mu_)
+
+  struct CacheEntry {
+    std::shared_ptr<const Span> span;
+    uint64_t bytes = 0;
+    std::list<size_t>::iterator lru_position;
+  };
+  mutable std::list<size_t> lru_;                         // GUARDED_BY(mu_); front = newest
+  mutable std::unordered_map<size_t, CacheEntry> cache_;  // GUARDED_BY(mu_)
+  mutable uint64_t cache_bytes_ = 0;                      // GUARDED_BY(mu_)
+};
+
+// Opens a gzip stream over `lower`: checks the first member's header and reads ISIZE to fix
+// size(). Nothing is inflated yet.
+// Errors: InvalidArgument (bad options), Corruption (bad header, a stream too short to be gzip),
+// IOError from lower.
+Result<std::unique_ptr<GzipSource>> open_gzip(std::unique_ptr<BlockSource> lower,
+                                              const GzipOptions& options);
+
+}  // namespace imgfs::formats
