@@ -1,0 +1,122 @@
+#include "formats/image_stack.h"
+
+#include "formats/cbc_source.h"
+#include "formats/checked_math.h"
+#include "formats/concat_source.h"
+#include "formats/tar_member_source.h"
+
+namespace imgfs::formats {
+
+namespace {
+
+constexpr uint64_t kCbcBlock = 16;
+constexpr uint64_t kTarBlock = 512;
+constexpr uint64_t kTarTailBytes = 64 << 10;
+
+Result<std::array<uint8_t, 20>> parse_sha1_hex(std::string_view hex) {
+  std::array<uint8_t, 20> digest{};
+  if (hex.size() != 40) return Status::Corruption("image digest is not 40 hex digits");
+  for (size_t i = 0; i < 20; ++i) {
+    auto nibble = [](char c) -> int {
+      if (c >= '0' && c <= '9') return c - '0';
+      if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+      if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+      return -1;
+    };
+    const int hi = nibble(hex[2 * i]);
+    const int lo = nibble(hex[2 * i + 1]);
+    if (hi < 0 || lo < 0) return Status::Corruption("image digest is not hex");
+    digest[i] = static_cast<uint8_t>(hi * 16 + lo);
+  }
+  return digest;
+}
+
+}  // namespace
+
+std::string image_key_for_manifest(std::string_view manifest_key) {
+  for (std::string_view suffix : {std::string_view(".manifest.xml"), std::string_view("manifest.xml")}) {
+    if (manifest_key.size() > suffix.size() && manifest_key.ends_with(suffix)) {
+      std::string_view image = manifest_key.substr(0, manifest_key.size() - suffix.size());
+      if (image.ends_with('/')) return "";
+      return std::string(image);
+    }
+  }
+  return "";
+}
+
+Result<OpenedBundle> open_bundle_stack(const BundleManifest& manifest, const PartOpener& open_part,
+                                       const BundleStackOptions& options) {
+  if (options.part_pool == nullptr) return Status::InvalidArgument("no verified-part pool");
+  if (options.verify_cert != nullptr) {
+    if (Status s = verify_bundle_signature(manifest, *options.verify_cert); !s.ok()) {
+      return s.with_context("manifest signature");
+    }
+  }
+  auto key_iv = unwrap_bundle_key_iv(manifest, options.keys);
+  if (!key_iv.ok()) return key_iv.status();
+
+  std::vector<std::unique_ptr<BlockSource>> parts;
+  parts.reserve(manifest.parts.size());
+  uint64_t ciphertext_size = 0;
+  for (const BundlePart& part : manifest.parts) {
+    const std::string label = part.filename;
+    auto source = open_part(part.filename);
+    if (!source.ok()) return source.status().with_context(label);
+    auto sum = checked_add(ciphertext_size, (*source)->size());
+    if (!sum) return Status::Corruption(label + ": part sizes overflow");
+    ciphertext_size = *sum;
+    auto verified = open_verified_part(std::move(source).value(), part.sha1, label,
+                                       *options.part_pool);
+    if (!verified.ok()) return verified.status();
+    parts.push_back(std::move(verified).value());
+  }
+  if (ciphertext_size != manifest.image.bundled_size) {
+    return Status::Corruption("parts hold " + std::to_string(ciphertext_size) +
+                              " bytes but the manifest's bundled_size is " +
+                              std::to_string(manifest.image.bundled_size));
+  }
+  if (ciphertext_size == 0 || ciphertext_size % kCbcBlock != 0) {
+    return Status::Corruption("bundled size " + std::to_string(ciphertext_size) +
+                              " is not a positive multiple of 16");
+  }
+
+  auto concat = open_concat(std::move(parts));
+  if (!concat.ok()) return concat.status();
+  CbcOptions cbc_options;
+  cbc_options.key = key_iv->first;
+  cbc_options.iv = key_iv->second;
+  auto cbc = open_cbc(std::move(concat).value(), cbc_options);
+  if (!cbc.ok()) return cbc.status();
+
+  GzipOptions gzip_options;
+  // The tar stream holds at least one header block and the image padded to 512.
+  auto min_tar = checked_add(manifest.image.size, kTarBlock);
+  if (!min_tar) return Status::Corruption("image size overflows");
+  gzip_options.min_uncompressed_size = *min_tar;
+  gzip_options.span_bytes = options.span_bytes;
+  gzip_options.span_cache_bytes = options.span_cache_bytes;
+  auto digest = parse_sha1_hex(manifest.image.digest_hex);
+  if (!digest.ok()) return digest.status();
+  gzip_options.expected_sha1 = *digest;
+  gzip_options.alternate_sha1_range = std::make_pair(kTarBlock, manifest.image.size);
+  // Covers what follows the member: its padding, two zero blocks and the 10240-byte record.
+  gzip_options.finish_tail_bytes = kTarTailBytes;
+  auto gzip = open_gzip(std::move(cbc).value(), gzip_options);
+  if (!gzip.ok()) return gzip.status();
+  const GzipSource* gzip_layer = gzip->get();
+
+  auto member = open_tar_member(std::move(gzip).value());
+  if (!member.ok()) return member.status();
+  if ((*member)->size() != manifest.image.size) {
+    return Status::Corruption("tar member '" + (*member)->member_name() + "' holds " +
+                              std::to_string((*member)->size()) +
+                              " bytes but the manifest's image size is " +
+                              std::to_string(manifest.image.size));
+  }
+  OpenedBundle opened;
+  opened.image = std::move(member).value();
+  opened.gzip = gzip_layer;
+  return opened;
+}
+
+}  // namespace imgfs::formats

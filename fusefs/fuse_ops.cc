@@ -1,0 +1,256 @@
+#include "fusefs/fuse_ops.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+#include "fusefs/errno_map.h"
+
+namespace imgfs::fusefs {
+
+namespace {
+
+// The tree never changes while mounted, so the kernel may keep names and attributes long.
+constexpr double kAttrTimeoutSeconds = 3600.0;
+
+struct FileHandle {
+  CatalogNode* node = nullptr;
+  std::shared_ptr<const BlockSource> source;  // images and objects
+  std::string snapshot;                       // stats.json, taken at open
+};
+
+FuseContext& context(fuse_req_t req) { return *static_cast<FuseContext*>(fuse_req_userdata(req)); }
+
+struct stat attributes_of(const CatalogNode& node, time_t when) {
+  struct stat st {};
+  st.st_atime = st.st_mtime = st.st_ctime = when;
+  st.st_ino = node.inode;
+  st.st_uid = getuid();
+  st.st_gid = getgid();
+  st.st_blksize = 4096;
+  if (node.kind == NodeKind::kDirectory) {
+    st.st_mode = S_IFDIR | 0555;
+    st.st_nlink = 2;
+  } else {
+    st.st_mode = S_IFREG | 0444;
+    st.st_nlink = 1;
+    st.st_size = static_cast<off_t>(node.size);
+    st.st_blocks = static_cast<blkcnt_t>((node.size + 511) / 512);
+  }
+  return st;
+}
+
+// Runs `body`; an escaping exception is logged and answered with EIO.
+template <typename Body>
+void guarded(fuse_req_t req, const char* op, Body&& body) {
+  try {
+    body();
+  } catch (const std::exception& e) {
+    context(req).log.error(std::string(op) + ": unexpected exception: " + e.what());
+    fuse_reply_err(req, EIO);
+  } catch (...) {
+    context(req).log.error(std::string(op) + ": unexpected exception");
+    fuse_reply_err(req, EIO);
+  }
+}
+
+void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  guarded(req, "lookup", [&] {
+    CatalogNode* node = context(req).catalog.child(parent, name);
+    if (node == nullptr) {
+      fuse_reply_err(req, ENOENT);
+      return;
+    }
+    fuse_entry_param entry{};
+    entry.ino = node->inode;
+    entry.attr = attributes_of(*node, context(req).catalog.built_at());
+    entry.attr_timeout = kAttrTimeoutSeconds;
+    entry.entry_timeout = kAttrTimeoutSeconds;
+    fuse_reply_entry(req, &entry);
+  });
+}
+
+void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+  guarded(req, "getattr", [&] {
+    CatalogNode* node = context(req).catalog.node(ino);
+    if (node == nullptr) {
+      fuse_reply_err(req, ENOENT);
+      return;
+    }
+    struct stat st = attributes_of(*node, context(req).catalog.built_at());
+    // stats.json changes all the time: never let the kernel keep its attributes.
+    fuse_reply_attr(req, &st, node->kind == NodeKind::kStats ? 0.0 : kAttrTimeoutSeconds);
+  });
+}
+
+void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, fuse_file_info*) {
+  guarded(req, "readdir", [&] {
+    Catalog& catalog = context(req).catalog;
+    CatalogNode* folder = catalog.node(ino);
+    if (folder == nullptr || folder->kind != NodeKind::kDirectory) {
+      fuse_reply_err(req, folder == nullptr ? ENOENT : ENOTDIR);
+      return;
+    }
+    // Entry i of ".", "..", then the children in name order; `offset` is the next index.
+    std::vector<char> buffer(size);
+    size_t used = 0;
+    off_t index = 0;
+    auto add = [&](const char* name, const CatalogNode& node) -> bool {
+      if (index++ < offset) return true;
+      struct stat st = attributes_of(node, catalog.built_at());
+      const size_t need = fuse_add_direntry(req, buffer.data() + used, size - used, name, &st, index);
+      if (need > size - used) return false;
+      used += need;
+      return true;
+    };
+    bool room = add(".", *folder) && add("..", *catalog.node(folder->parent));
+    for (auto it = folder->children.begin(); room && it != folder->children.end(); ++it) {
+      room = add(it->first.c_str(), *catalog.node(it->second));
+    }
+    fuse_reply_buf(req, buffer.data(), used);
+  });
+}
+
+void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  guarded(req, "open", [&] {
+    if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC) != 0) {
+      fuse_reply_err(req, EROFS);
+      return;
+    }
+    FuseContext& ctx = context(req);
+    CatalogNode* node = ctx.catalog.node(ino);
+    if (node == nullptr) {
+      fuse_reply_err(req, ENOENT);
+      return;
+    }
+    if (node->kind == NodeKind::kDirectory) {
+      fuse_reply_err(req, EISDIR);
+      return;
+    }
+    auto handle = std::make_unique<FileHandle>();
+    handle->node = node;
+    if (node->kind == NodeKind::kStats) {
+      handle->snapshot = ctx.catalog.stats_json();
+      fi->direct_io = 1;
+    } else {
+      // A chain that cannot open still opens as a file; its reads answer EIO (logged once).
+      auto source = ctx.catalog.open_source(*node);
+      if (source.ok()) handle->source = std::move(source).value();
+      fi->keep_cache = 1;  // images are immutable while mounted
+    }
+    fi->fh = reinterpret_cast<uint64_t>(handle.release());
+    if (fuse_reply_open(req, fi) != 0) delete reinterpret_cast<FileHandle*>(fi->fh);
+  });
+}
+
+void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, fuse_file_info* fi) {
+  guarded(req, "read", [&] {
+    auto* handle = reinterpret_cast<FileHandle*>(fi->fh);
+    if (offset < 0) {
+      fuse_reply_err(req, EINVAL);
+      return;
+    }
+    const uint64_t start = static_cast<uint64_t>(offset);
+    if (handle->node->kind == NodeKind::kStats) {
+      const std::string& text = handle->snapshot;
+      const size_t from = start < text.size() ? start : text.size();
+      const size_t length = std::min(size, text.size() - from);
+      fuse_reply_buf(req, text.data() + from, length);
+      return;
+    }
+    FuseContext& ctx = context(req);
+    std::shared_ptr<const BlockSource> chain = handle->source;
+    if (!chain) {
+      // Opening failed at open(): try again, the cause may have been transient.
+      auto reopened = ctx.catalog.open_source(*handle->node);
+      if (!reopened.ok()) {
+        fuse_reply_err(req, errno_for_read(reopened.status()));
+        return;
+      }
+      chain = std::move(reopened).value();
+    }
+    const BlockSource& source = *chain;
+    const uint64_t end = std::min<uint64_t>(source.size(), start + size);
+    if (start >= end) {
+      fuse_reply_buf(req, nullptr, 0);
+      return;
+    }
+    thread_local std::vector<std::byte> buffer;
+    buffer.resize(end - start);
+    Status s = source.read_at(start, std::span(buffer.data(), end - start));
+    if (!s.ok()) {
+      ctx.log.error_once(handle->node->path + ": read " + std::to_string(end - start) +
+                         " bytes at " + std::to_string(start) + " via " + source.describe() +
+                         ": " + s.to_string());
+      fuse_reply_err(req, errno_for_read(s));
+      return;
+    }
+    handle->node->counters.add(IoCounters::kBytesServed, end - start);
+    fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), end - start);
+  });
+}
+
+void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+  delete reinterpret_cast<FileHandle*>(fi->fh);
+  fuse_reply_err(req, 0);
+}
+
+void op_statfs(fuse_req_t req, fuse_ino_t) {
+  struct statvfs st {};
+  st.f_bsize = 4096;
+  st.f_frsize = 4096;
+  st.f_namemax = 1024;
+  st.f_flag = ST_RDONLY;
+  fuse_reply_statfs(req, &st);
+}
+
+void reply_erofs(fuse_req_t req) { fuse_reply_err(req, EROFS); }
+
+}  // namespace
+
+const fuse_lowlevel_ops& imgfs_fuse_operations() {
+  static const fuse_lowlevel_ops ops = [] {
+    fuse_lowlevel_ops o{};
+    o.lookup = op_lookup;
+    o.getattr = op_getattr;
+    o.readdir = op_readdir;
+    o.open = op_open;
+    o.read = op_read;
+    o.release = op_release;
+    o.statfs = op_statfs;
+    o.setattr = [](fuse_req_t req, fuse_ino_t, struct stat*, int, fuse_file_info*) {
+      reply_erofs(req);
+    };
+    o.mknod = [](fuse_req_t req, fuse_ino_t, const char*, mode_t, dev_t) { reply_erofs(req); };
+    o.mkdir = [](fuse_req_t req, fuse_ino_t, const char*, mode_t) { reply_erofs(req); };
+    o.unlink = [](fuse_req_t req, fuse_ino_t, const char*) { reply_erofs(req); };
+    o.rmdir = [](fuse_req_t req, fuse_ino_t, const char*) { reply_erofs(req); };
+    o.symlink = [](fuse_req_t req, const char*, fuse_ino_t, const char*) { reply_erofs(req); };
+    o.rename = [](fuse_req_t req, fuse_ino_t, const char*, fuse_ino_t, const char*,
+                  unsigned int) { reply_erofs(req); };
+    o.link = [](fuse_req_t req, fuse_ino_t, fuse_ino_t, const char*) { reply_erofs(req); };
+    o.write = [](fuse_req_t req, fuse_ino_t, const char*, size_t, off_t, fuse_file_info*) {
+      reply_erofs(req);
+    };
+    o.create = [](fuse_req_t req, fuse_ino_t, const char*, mode_t, fuse_file_info*) {
+      reply_erofs(req);
+    };
+    o.setxattr = [](fuse_req_t req, fuse_ino_t, const char*, const char*, size_t, int) {
+      reply_erofs(req);
+    };
+    o.removexattr = [](fuse_req_t req, fuse_ino_t, const char*) { reply_erofs(req); };
+    o.fallocate = [](fuse_req_t req, fuse_ino_t, int, off_t, off_t, fuse_file_info*) {
+      reply_erofs(req);
+    };
+    return o;
+  }();
+  return ops;
+}
+
+}  // namespace imgfs::fusefs

@@ -1,0 +1,150 @@
+#include "fusefs/mount_command.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <iostream>
+#include <memory>
+
+#include "cache/block_store.h"
+#include "formats/bundle_keys.h"
+#include "formats/verified_part_source.h"
+#include "fusefs/catalog.h"
+#include "fusefs/fuse_ops.h"
+#include "fusefs/image_opener.h"
+#include "fusefs/logger.h"
+#include "fusefs/mount_options.h"
+#include "remote/dir_store.h"
+
+namespace imgfs::fusefs {
+
+namespace {
+
+int fail(const std::string& message, int code = 1) {
+  std::cerr << "imgfs mount: " << message << "\n";
+  return code;
+}
+
+// Holds an exclusive lock on the cache directory for the life of the mount, so two mounts
+// never evict each other's blocks. Returns the locked fd, or -1 with `error` set.
+int lock_cache_dir(const std::string& dir, std::string& error) {
+  const std::string path = dir + "/lock";
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    error = "cannot open " + path + ": " + std::strerror(errno);
+    return -1;
+  }
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    error = "cache directory " + dir + " is in use by another imgfs mount";
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+std::string absolute_path(const std::string& path) {
+  std::error_code ec;
+  auto absolute = std::filesystem::absolute(path, ec);
+  return ec ? path : absolute.lexically_normal().string();
+}
+
+}  // namespace
+
+int run_mount_command(const std::vector<std::string>& args) {
+  auto parsed = parse_mount_options(args);
+  if (!parsed.ok()) return fail(parsed.status().message(), 2);
+  MountOptions options = std::move(parsed).value();
+
+  Logger log;
+  if (options.log_file && !log.open_file(absolute_path(*options.log_file))) {
+    return fail("cannot open log file " + *options.log_file + ": " + std::strerror(errno));
+  }
+
+  std::vector<formats::PrivateKey> keys;
+  for (const std::string& path : options.key_paths) {
+    auto key = formats::PrivateKey::load_file(path);
+    if (!key.ok()) return fail(key.status().message());
+    keys.push_back(std::move(key).value());
+  }
+  std::optional<formats::Certificate> verify_cert;
+  if (options.verify_cert) {
+    auto cert = formats::Certificate::load_file(*options.verify_cert);
+    if (!cert.ok()) return fail(cert.status().message());
+    verify_cert = std::move(cert).value();
+  }
+
+  std::string source = options.source;
+  if (source.rfind("file://", 0) == 0) source = source.substr(7);
+  auto store = remote::DirStore::open(absolute_path(source));
+  if (!store.ok()) return fail(store.status().to_string());
+
+  std::error_code ec;
+  const std::string cache_dir = absolute_path(options.cache_dir);
+  std::filesystem::create_directories(cache_dir, ec);
+  if (ec) return fail("cannot create cache directory " + cache_dir + ": " + ec.message());
+  ::chmod(cache_dir.c_str(), 0700);
+  std::string lock_error;
+  const int lock_fd = lock_cache_dir(cache_dir, lock_error);
+  if (lock_fd < 0) return fail(lock_error);
+  auto block_store = cache::BlockStore::open(cache_dir, options.cache_size_bytes, nullptr);
+  if (!block_store.ok()) return fail(block_store.status().to_string());
+
+  formats::VerifiedPartPool part_pool(options.part_memory_bytes);
+  ImageOpenerConfig config;
+  for (const formats::PrivateKey& key : keys) config.keys.push_back(&key);
+  config.verify_cert = verify_cert ? &*verify_cert : nullptr;
+  config.part_pool = &part_pool;
+  config.block_store = block_store->get();
+  config.cache_block_bytes = options.cache_block_bytes;
+  ImageOpener opener(**store, config);
+
+  auto catalog = Catalog::build(opener, "", log, block_store->get());
+  if (!catalog.ok()) return fail(catalog.status().to_string());
+
+  FuseContext context{**catalog, log};
+  std::vector<std::string> fuse_argv = {"imgfs", "-o",
+                                        "ro,default_permissions,fsname=imgfs,subtype=imgfs"};
+  if (options.allow_other) fuse_argv.insert(fuse_argv.end(), {"-o", "allow_other"});
+  if (options.debug) fuse_argv.push_back("-d");
+  std::vector<char*> argv;
+  for (std::string& arg : fuse_argv) argv.push_back(arg.data());
+  fuse_args fargs = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+  const fuse_lowlevel_ops& ops = imgfs_fuse_operations();
+  fuse_session* session = fuse_session_new(&fargs, &ops, sizeof ops, &context);
+  if (session == nullptr) return fail("cannot create the FUSE session");
+  if (fuse_set_signal_handlers(session) != 0) {
+    fuse_session_destroy(session);
+    return fail("cannot set signal handlers");
+  }
+  if (fuse_session_mount(session, options.mountpoint.c_str()) != 0) {
+    fuse_remove_signal_handlers(session);
+    fuse_session_destroy(session);
+    return fail("cannot mount on " + options.mountpoint);
+  }
+  log.info("mounted " + (*store)->describe() + " on " + options.mountpoint);
+  // The launching process exits 0 here, once the mount is ready; the child serves.
+  fuse_daemonize(options.foreground ? 1 : 0);
+  if (!options.foreground) log.use_syslog();
+
+  fuse_loop_config* loop_config = fuse_loop_cfg_create();
+  fuse_loop_cfg_set_clone_fd(loop_config, 0);
+  fuse_loop_cfg_set_max_threads(loop_config, 16);
+  const int loop_result = fuse_session_loop_mt(session, loop_config);
+  fuse_loop_cfg_destroy(loop_config);
+  fuse_session_unmount(session);
+  fuse_remove_signal_handlers(session);
+  fuse_session_destroy(session);
+  ::close(lock_fd);
+  log.info("unmounted " + options.mountpoint);
+  return loop_result == 0 ? 0 : 1;
+}
+
+}  // namespace imgfs::fusefs

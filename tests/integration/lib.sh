@@ -1,0 +1,115 @@
+# Shared helpers for the FUSE integration tests. Source it with the imgfs binary as $1.
+# Every test works in its own temp folder and unmounts and removes everything on exit.
+set -euo pipefail
+IMGFS=$(readlink -f "$1")
+WORK=$(mktemp -d /tmp/imgfs-it.XXXXXX)
+MOUNTS=()
+cleanup() {
+  for m in "${MOUNTS[@]}"; do fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+fail() {
+  echo "FAIL: $*" >&2
+  for log in "$WORK"/*.log; do [ -f "$log" ] && { echo "--- $log" >&2; tail -20 "$log" >&2; }; done
+  exit 1
+}
+pass() { echo "ok: $*"; }
+
+# make_keys NAME: an RSA-2048 key (mode 600) and a self-signed certificate for it.
+make_keys() {
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=$1" \
+    -keyout "$WORK/$1-pk.pem" -out "$WORK/$1-cert.pem" 2>/dev/null
+  chmod 600 "$WORK/$1-pk.pem"
+}
+
+# make_image PATH BYTES SEED: deterministic data that mixes incompressible runs, zero runs and
+# text, so gzip has work of every kind.
+make_image() {
+  local path=$1 bytes=$2 seed=$3
+  # openssl dies of SIGPIPE once head has enough; that is expected.
+  { openssl enc -aes-128-ctr -nosalt -K "$(printf '%032x' "$seed")" -iv 0 </dev/zero 2>/dev/null ||
+    true; } | head -c "$bytes" >"$path"
+  if [ "$bytes" -gt 3000000 ]; then
+    dd if=/dev/zero of="$path" bs=1 seek=1000000 count=1500000 conv=notrunc status=none
+    { yes "imgfs line of text $seed" || true; } | head -c 400000 |
+      dd of="$path" bs=1 seek=2600000 conv=notrunc status=none
+  fi
+}
+
+# shell_bundle IMAGE NAME PART_SIZE CERT OUTDIR: a bundle made without imgfs, the way
+# euca-bundle-image does it: tar | gzip | openssl enc -aes-128-cbc | split, plus a manifest
+# whose AES key and IV (as 32 hex characters) are wrapped with `openssl pkeyutl`.
+shell_bundle() {
+  local image=$1 name=$2 part_size=$3 cert=$4 out=$5
+  local tmp="$WORK/shell-$name"
+  mkdir -p "$tmp" "$out"
+  ln -sf "$(readlink -f "$image")" "$tmp/$name"
+  local key iv
+  key=$(openssl rand -hex 16)
+  iv=$(openssl rand -hex 16)
+  tar -C "$tmp" -chf "$tmp/stream.tar" "$name"
+  local digest
+  digest=$(sha1sum <"$tmp/stream.tar" | cut -d' ' -f1)
+  gzip -c "$tmp/stream.tar" | openssl enc -e -aes-128-cbc -K "$key" -iv "$iv" >"$tmp/cipher"
+  local total
+  total=$(stat -c %s "$tmp/cipher")
+  split -b "$part_size" -d -a 2 "$tmp/cipher" "$out/$name.part."
+  if [ $((total % part_size)) -eq 0 ]; then
+    : >"$out/$name.part.$(printf '%02d' $((total / part_size)))"
+  fi
+  wrap() { printf %s "$1" | openssl pkeyutl -encrypt -certin -inkey "$cert" \
+    -pkeyopt rsa_padding_mode:pkcs1 | xxd -p | tr -d '\n'; }
+  local parts="" count=0 f
+  for f in $(cd "$out" && ls "$name".part.* | sort); do
+    parts+="<part index=\"$count\"><filename>$f</filename><digest algorithm=\"SHA1\">$(sha1sum <"$out/$f" | cut -d' ' -f1)</digest></part>"
+    count=$((count + 1))
+  done
+  {
+    printf "<?xml version='1.0' encoding='ASCII'?>\n"
+    printf '<manifest><version>2007-10-10</version><bundler><name>shell</name><version>1</version><release>0</release></bundler>'
+    printf '<machine_configuration><architecture>x86_64</architecture></machine_configuration>'
+    printf '<image><name>%s</name><user>000000000000</user><type>machine</type>' "$name"
+    printf '<digest algorithm="SHA1">%s</digest><size>%s</size><bundled_size>%s</bundled_size>' \
+      "$digest" "$(stat -L -c %s "$image")" "$total"
+    printf '<ec2_encrypted_key algorithm="AES-128-CBC">%s</ec2_encrypted_key>' "$(wrap "$key")"
+    printf '<user_encrypted_key algorithm="AES-128-CBC"></user_encrypted_key>'
+    printf '<ec2_encrypted_iv>%s</ec2_encrypted_iv><user_encrypted_iv></user_encrypted_iv>' "$(wrap "$iv")"
+    printf '<parts count="%s">%s</parts></image><signature>UNSIGNED</signature></manifest>' "$count" "$parts"
+  } >"$out/$name.manifest.xml"
+  rm -rf "$tmp"
+}
+
+# shell_unbundle MANIFEST_DIR NAME KEY: the full-copy path (openssl, gzip, tar) to stdout.
+shell_unbundle() {
+  local dir=$1 name=$2 key=$3
+  local m="$dir/$name.manifest.xml"
+  unwrap() { xxd -r -p | openssl pkeyutl -decrypt -inkey "$key" -pkeyopt rsa_padding_mode:pkcs1; }
+  local k iv
+  k=$(sed -n 's:.*<ec2_encrypted_key[^>]*>\([0-9a-f]*\)</ec2_encrypted_key>.*:\1:p' "$m" | unwrap)
+  iv=$(sed -n 's:.*<ec2_encrypted_iv>\([0-9a-f]*\)</ec2_encrypted_iv>.*:\1:p' "$m" | unwrap)
+  local parts
+  parts=$(grep -o '<filename>[^<]*</filename>' "$m" | sed 's:</*filename>::g' | sed "s:^:$dir/:")
+  # shellcheck disable=SC2086
+  cat $parts | openssl enc -d -aes-128-cbc -K "$k" -iv "$iv" | gzip -dc | tar -xO
+}
+
+# mount_bucket BUCKET MOUNTPOINT NAME [imgfs options...]: mounts, logging to $WORK/NAME.log.
+mount_bucket() {
+  local bucket=$1 mnt=$2 name=$3
+  shift 3
+  mkdir -p "$mnt"
+  timeout 60 "$IMGFS" mount "$bucket" "$mnt" --cache-dir "$WORK/cache-$name" \
+    --log-file "$WORK/$name.log" "$@" || fail "mount of $bucket failed"
+  MOUNTS+=("$mnt")
+}
+
+unmount() {
+  fusermount3 -u "$1" || fail "unmount of $1 failed"
+}
+
+# stat_field FILE KEY: a top-level number from stats.json.
+stat_field() {
+  grep -o "\"$2\":[0-9]*" "$1" | head -1 | cut -d: -f2
+}

@@ -1,0 +1,59 @@
+#include "fusefs/mount_options.h"
+
+#include <gtest/gtest.h>
+
+namespace imgfs::fusefs {
+namespace {
+
+TEST(ParseByteSize, PlainAndSuffixes) {
+  EXPECT_EQ(*parse_byte_size("4096"), 4096u);
+  EXPECT_EQ(*parse_byte_size("64K"), 64u << 10);
+  EXPECT_EQ(*parse_byte_size("2M"), 2u << 20);
+  EXPECT_EQ(*parse_byte_size("2G"), 2ull << 30);
+  EXPECT_EQ(*parse_byte_size("1T"), 1ull << 40);
+  EXPECT_EQ(*parse_byte_size("3GB"), 3ull << 30);
+  EXPECT_EQ(*parse_byte_size("5k"), 5u << 10);
+}
+
+TEST(ParseByteSize, RejectsBadInput) {
+  for (const char* bad : {"", "G", "-1", "12X", "1.5G", "99999999999999999999", "16777216T"}) {
+    EXPECT_FALSE(parse_byte_size(bad).ok()) << bad;
+  }
+}
+
+TEST(ParseMountOptions, FullCommandLine) {
+  auto options = parse_mount_options({"./bucket", "/mnt/images", "--key", "a.pem", "--key",
+                                      "b.pem", "--cache-dir", "/var/cache/x", "--cache-size",
+                                      "2G", "--foreground", "--verify-cert", "c.pem",
+                                      "--log-file", "/tmp/l"});
+  ASSERT_TRUE(options.ok()) << options.status().to_string();
+  EXPECT_EQ(options->source, "./bucket");
+  EXPECT_EQ(options->mountpoint, "/mnt/images");
+  EXPECT_EQ(options->key_paths, (std::vector<std::string>{"a.pem", "b.pem"}));
+  EXPECT_EQ(options->cache_dir, "/var/cache/x");
+  EXPECT_EQ(options->cache_size_bytes, 2ull << 30);
+  EXPECT_TRUE(options->foreground);
+  EXPECT_EQ(*options->verify_cert, "c.pem");
+  EXPECT_EQ(*options->log_file, "/tmp/l");
+}
+
+TEST(ParseMountOptions, Defaults) {
+  auto options = parse_mount_options({"src", "mnt"});
+  ASSERT_TRUE(options.ok());
+  EXPECT_EQ(options->cache_size_bytes, 1ull << 30);
+  EXPECT_EQ(options->cache_block_bytes, 256u << 10);
+  EXPECT_FALSE(options->foreground);
+  EXPECT_FALSE(options->cache_dir.empty());
+}
+
+TEST(ParseMountOptions, Errors) {
+  EXPECT_FALSE(parse_mount_options({"src"}).ok());
+  EXPECT_FALSE(parse_mount_options({"src", "mnt", "extra"}).ok());
+  EXPECT_FALSE(parse_mount_options({"src", "mnt", "--key"}).ok());
+  EXPECT_FALSE(parse_mount_options({"src", "mnt", "--bogus"}).ok());
+  EXPECT_FALSE(parse_mount_options({"src", "mnt", "--cache-size", "lots"}).ok());
+  EXPECT_FALSE(parse_mount_options({"src", "mnt", "--cache-block", "3000"}).ok());
+}
+
+}  // namespace
+}  // namespace imgfs::fusefs
