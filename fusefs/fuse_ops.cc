@@ -140,9 +140,14 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
       fi->direct_io = 1;
     } else {
       // A chain that cannot open still opens as a file; its reads answer EIO (logged once).
+      // direct_io sends those reads to us even when the size is unknown (0).
       auto source = ctx.catalog.open_source(*node);
-      if (source.ok()) handle->source = std::move(source).value();
-      fi->keep_cache = 1;  // images are immutable while mounted
+      if (source.ok()) {
+        handle->source = std::move(source).value();
+        fi->keep_cache = 1;  // images are immutable while mounted
+      } else {
+        fi->direct_io = 1;
+      }
     }
     fi->fh = reinterpret_cast<uint64_t>(handle.release());
     if (fuse_reply_open(req, fi) != 0) delete reinterpret_cast<FileHandle*>(fi->fh);

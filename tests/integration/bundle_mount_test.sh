@@ -90,6 +90,36 @@ timeout 60 cmp "$M2/imgfs/c.img" "$WORK/c.img" || fail "user-key bundle with the
 pass "wrong key gives EIO and a log line; other images keep working"
 unmount "$M2"
 
+# --verify-cert: the signed bundle opens; unsigned ones appear but fail with EIO and a log line.
+M4="$WORK/mnt4"
+mount_bucket "$B" "$M4" verify --key "$WORK/user-pk.pem" --key "$WORK/cloud-pk.pem" \
+  --verify-cert "$WORK/user-cert.pem"
+timeout 60 cmp "$M4/imgfs/c.img" "$WORK/c.img" || fail "signed bundle with --verify-cert"
+if timeout 30 head -c 1 "$M4/imgfs/a.img" >/dev/null 2>&1; then fail "unsigned bundle served under --verify-cert"; fi
+grep -q "imgfs/a.img.*unsigned" "$WORK/verify.log" || fail "no log line for the unsigned bundle"
+unmount "$M4"
+pass "--verify-cert accepts the signed bundle and refuses unsigned ones"
+
+# A bad manifest and a missing part: the images still appear, reads fail with EIO and a log
+# line naming the image and the cause.
+mkdir -p "$WORK/broken/ok"
+cp "$B"/imgfs/b.img.* "$WORK/broken/ok/"
+cp "$B"/imgfs/a.img.* "$WORK/broken/"
+rm "$WORK/broken/a.img.part.02"
+echo "<manifest><version>2007-10-10</version>" >"$WORK/broken/bad.img.manifest.xml"
+M5="$WORK/mnt5"
+mount_bucket "$WORK/broken" "$M5" broken --key "$WORK/cloud-pk.pem"
+[ -e "$M5/bad.img" ] && [ -e "$M5/a.img" ] || fail "broken bundles must still appear"
+for f in bad.img a.img; do
+  if out=$(timeout 30 cat "$M5/$f" 2>&1 >/dev/null); then fail "$f served"; fi
+  case "$out" in *"Input/output error"*) ;; *) fail "$f: expected EIO, got: $out" ;; esac
+done
+grep -q "image bad.img: .*Corruption" "$WORK/broken.log" || fail "no log line for the bad manifest"
+grep -q "image a.img: .*a.img.part.02" "$WORK/broken.log" || fail "no log line for the missing part"
+timeout 60 cmp "$M5/ok/b.img" "$WORK/b.img" || fail "the good bundle beside broken ones"
+unmount "$M5"
+pass "a bad manifest and a missing part give EIO and a log line; the rest keeps working"
+
 # Key files readable by others are refused, as ssh does.
 cp "$WORK/cloud-pk.pem" "$WORK/open-pk.pem"
 chmod 644 "$WORK/open-pk.pem"
