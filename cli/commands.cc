@@ -112,7 +112,7 @@ class LocalImage {
       auto manifest = image->opener_->read_manifest(*object);
       if (!manifest.ok()) return manifest.status();
       image->manifest_ = std::move(manifest).value();
-      auto opened = image->opener_->open_bundle(*object, *image->manifest_, nullptr);
+      auto opened = image->opener_->open_manifest(*object, *image->manifest_, nullptr);
       if (!opened.ok()) return opened.status();
       image->opened_ = std::move(opened).value();
     } else {
@@ -134,7 +134,7 @@ class LocalImage {
   formats::VerifiedPartPool part_pool_;
   std::unique_ptr<remote::DirStore> store_;
   std::unique_ptr<fusefs::ImageOpener> opener_;
-  std::optional<formats::BundleManifest> manifest_;
+  std::optional<fusefs::ParsedManifest> manifest_;
   fusefs::OpenedImage opened_;
 };
 
@@ -193,7 +193,14 @@ int run_info_command(const std::vector<std::string>& args) {
   fusefs::ImageOpener opener(**store, config);
   auto manifest = opener.read_manifest(*object);
   if (!manifest.ok()) return fail("info", manifest.status().to_string());
-  const formats::BundleManifest& m = *manifest;
+  if (const auto* import = std::get_if<formats::ImportManifest>(&*manifest)) {
+    std::cout << "manifest:      " << manifest_path << " (import, " << import->version << ")\n"
+              << "file format:   " << formats::import_file_format_name(import->file_format) << "\n"
+              << "file size:     " << import->file_size() << "\n"
+              << "parts:         " << import->parts.size() << "\n";
+    return 0;
+  }
+  const formats::BundleManifest& m = std::get<formats::BundleManifest>(*manifest);
   std::cout << "manifest:      " << manifest_path << "\n"
             << "image name:    " << m.image.name << "\n"
             << "image size:    " << m.image.size << "\n"

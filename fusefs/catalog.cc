@@ -55,187 +55,260 @@ bool split_path(const std::string& path, std::vector<std::string>& parts) {
   return !parts.empty();
 }
 
+std::string entry_id(const remote::ObjectInfo& object) { return object.key + "\n" + object.etag; }
+
 }  // namespace
 
-Catalog::Catalog(const ImageOpener& opener, Logger& log, const cache::BlockStore* block_store)
-    : opener_(opener), log_(log), block_store_(block_store), built_at_(std::time(nullptr)) {
-  CatalogNode& root = add_node(0, "", NodeKind::kDirectory);
-  root.parent = kRootInode;
+const CatalogNode* CatalogTree::node(uint64_t inode) const {
+  auto it = nodes.find(inode);
+  return it == nodes.end() ? nullptr : &it->second;
 }
 
-CatalogNode& Catalog::add_node(uint64_t parent, const std::string& name, NodeKind kind) {
-  auto node = std::make_unique<CatalogNode>();
-  node->inode = nodes_.size() + 1;
-  node->parent = parent;
-  node->name = name;
-  node->kind = kind;
-  node->counters.parent = &totals_;
-  if (parent != 0) {
-    CatalogNode& up = *nodes_[parent - 1];
-    node->path = up.path.empty() ? name : up.path + "/" + name;
-    up.children[name] = node->inode;
-  }
-  nodes_.push_back(std::move(node));
-  return *nodes_.back();
-}
-
-CatalogNode& Catalog::ensure_folder(const std::string& folder_path) {
-  std::vector<std::string> parts;
-  uint64_t inode = kRootInode;
-  if (!split_path(folder_path, parts)) return *nodes_[0];
-  for (const std::string& part : parts) {
-    CatalogNode* existing = child(inode, part);
-    if (existing == nullptr) existing = &add_node(inode, part, NodeKind::kDirectory);
-    inode = existing->inode;
-  }
-  return *nodes_[inode - 1];
-}
-
-Result<std::unique_ptr<Catalog>> Catalog::build(const ImageOpener& opener,
-                                                const std::string& prefix, Logger& log,
-                                                const cache::BlockStore* block_store) {
-  auto listing = opener.store().list(prefix);
-  if (!listing.ok()) return listing.status().with_context("listing " + opener.store().describe());
-  std::unique_ptr<Catalog> catalog(new Catalog(opener, log, block_store));
-
-  // Manifests first: their parts are hidden, and they become images.
-  struct ManifestEntry {
-    const remote::ObjectInfo* object;
-    std::string image_path;
-    Result<formats::BundleManifest> manifest;
-  };
-  std::vector<ManifestEntry> manifests;
-  std::set<std::string> hidden_keys;
-  for (const remote::ObjectInfo& object : *listing) {
-    const std::string relative = object.key.substr(prefix.size());
-    std::string image_path = formats::image_key_for_manifest(relative);
-    if (image_path.empty()) continue;
-    auto manifest = opener.read_manifest(object);
-    if (manifest.ok()) {
-      const std::string folder = key_folder(object.key);
-      for (const formats::BundlePart& part : manifest->parts) {
-        hidden_keys.insert(folder + part.filename);
-      }
-    } else {
-      log.error("image " + image_path + ": " + manifest.status().to_string());
-    }
-    hidden_keys.insert(object.key);
-    manifests.push_back(ManifestEntry{&object, std::move(image_path), std::move(manifest)});
-  }
-
-  auto place = [&](const std::string& path, NodeKind kind) -> CatalogNode* {
-    std::vector<std::string> parts;
-    if (!split_path(path, parts) || (parts.size() >= 1 && parts[0] == kStatsFolder)) {
-      log.error("skipping object with an unusable name: " + path);
-      return nullptr;
-    }
-    const size_t last_slash = path.rfind('/');
-    CatalogNode& folder =
-        catalog->ensure_folder(last_slash == std::string::npos ? "" : path.substr(0, last_slash));
-    if (folder.kind != NodeKind::kDirectory || folder.children.count(parts.back()) != 0) {
-      log.error("skipping " + path + ": the name is already taken");
-      return nullptr;
-    }
-    return &catalog->add_node(folder.inode, parts.back(), kind);
-  };
-
-  for (ManifestEntry& entry : manifests) {
-    CatalogNode* node = place(entry.image_path, NodeKind::kImage);
-    if (node == nullptr) continue;
-    node->object = *entry.object;
-    if (entry.manifest.ok()) {
-      node->size = entry.manifest->image.size;
-      node->manifest = std::move(entry.manifest).value();
-    } else {
-      node->manifest_status = entry.manifest.status();
-    }
-  }
-  for (const remote::ObjectInfo& object : *listing) {
-    if (hidden_keys.count(object.key) != 0) continue;
-    CatalogNode* node = place(object.key.substr(prefix.size()), NodeKind::kObject);
-    if (node == nullptr) continue;
-    node->object = object;
-    node->size = object.size;
-  }
-  CatalogNode& stats_folder = catalog->add_node(kRootInode, kStatsFolder, NodeKind::kDirectory);
-  catalog->add_node(stats_folder.inode, kStatsFile, NodeKind::kStats);
-  return catalog;
-}
-
-CatalogNode* Catalog::node(uint64_t inode) const {
-  if (inode == 0 || inode > nodes_.size()) return nullptr;
-  return nodes_[inode - 1].get();
-}
-
-CatalogNode* Catalog::child(uint64_t parent, const std::string& name) const {
+const CatalogNode* CatalogTree::child(uint64_t parent, const std::string& name) const {
   const CatalogNode* folder = node(parent);
   if (folder == nullptr) return nullptr;
   auto it = folder->children.find(name);
   return it == folder->children.end() ? nullptr : node(it->second);
 }
 
-Result<std::shared_ptr<const BlockSource>> Catalog::open_source(CatalogNode& node) {
-  std::unique_lock lock(node.mutex);
-  node.opened.wait(lock, [&] { return !node.opening; });
-  if (node.source) return node.source;
-  node.opening = true;
+Catalog::Catalog(const ImageOpener& opener, std::string prefix, Logger& log,
+                 const cache::BlockStore* block_store, uint32_t list_ttl_seconds)
+    : opener_(opener),
+      prefix_(std::move(prefix)),
+      log_(log),
+      block_store_(block_store),
+      list_ttl_seconds_(list_ttl_seconds),
+      built_at_(std::time(nullptr)) {
+  inode_by_path_["/"] = kRootInode;
+}
+
+Result<std::unique_ptr<Catalog>> Catalog::build(const ImageOpener& opener, std::string prefix,
+                                                Logger& log,
+                                                const cache::BlockStore* block_store,
+                                                uint32_t list_ttl_seconds) {
+  std::unique_ptr<Catalog> catalog(
+      new Catalog(opener, std::move(prefix), log, block_store, list_ttl_seconds));
+  auto tree = catalog->list_and_build();
+  if (!tree.ok()) return tree.status();
+  catalog->tree_ = std::move(tree).value();
+  catalog->listed_at_ = std::time(nullptr);
+  return catalog;
+}
+
+uint64_t Catalog::inode_for(const std::string& path) {
+  auto [it, added] = inode_by_path_.try_emplace(path, inode_by_path_.size() + 1);
+  return it->second;
+}
+
+Result<std::shared_ptr<const CatalogTree>> Catalog::list_and_build() {
+  auto listing = opener_.store().list(prefix_);
+  if (!listing.ok()) return listing.status().with_context("listing " + opener_.store().describe());
+  std::unordered_map<std::string, std::shared_ptr<CatalogEntry>> known;
+  {
+    std::lock_guard lock(mutex_);
+    known = entries_;
+  }
+  auto entry_for = [&](const remote::ObjectInfo& object, NodeKind kind,
+                       const std::string& path) -> std::shared_ptr<CatalogEntry> {
+    if (auto it = known.find(entry_id(object)); it != known.end() && it->second->kind == kind) {
+      return it->second;
+    }
+    auto entry = std::make_shared<CatalogEntry>();
+    entry->kind = kind;
+    entry->object = object;
+    entry->counters.parent = &totals_;
+    entry->size = object.size;
+    if (kind == NodeKind::kImage) {
+      auto manifest = opener_.read_manifest(object);
+      if (manifest.ok()) {
+        entry->size = image_size_of(*manifest);
+        entry->manifest = std::move(manifest).value();
+      } else {
+        entry->size = 0;
+        entry->manifest_status = manifest.status();
+        log_.error("image " + path + ": " + manifest.status().to_string());
+      }
+    }
+    return entry;
+  };
+
+  // Manifests first: the parts they name are hidden, and they become images.
+  struct Placed {
+    std::string path;
+    std::shared_ptr<CatalogEntry> entry;
+  };
+  std::vector<Placed> placed;
+  std::set<std::string> hidden_keys;
+  for (const remote::ObjectInfo& object : *listing) {
+    const std::string relative = object.key.substr(prefix_.size());
+    std::string image_path = formats::image_key_for_manifest(relative);
+    if (image_path.empty()) continue;
+    auto entry = entry_for(object, NodeKind::kImage, image_path);
+    if (entry->manifest) {
+      for (std::string& key : part_keys_of(object.key, *entry->manifest)) {
+        hidden_keys.insert(std::move(key));
+      }
+    }
+    hidden_keys.insert(object.key);
+    placed.push_back(Placed{std::move(image_path), std::move(entry)});
+  }
+  for (const remote::ObjectInfo& object : *listing) {
+    if (hidden_keys.count(object.key) != 0) continue;
+    const std::string path = object.key.substr(prefix_.size());
+    placed.push_back(Placed{path, entry_for(object, NodeKind::kObject, path)});
+  }
+
+  std::lock_guard lock(mutex_);
+  auto tree = std::make_shared<CatalogTree>();
+  auto add_node = [&](uint64_t parent, const std::string& name, NodeKind kind) -> CatalogNode& {
+    CatalogNode* up = parent == 0 ? nullptr : &tree->nodes.at(parent);
+    const std::string path = up == nullptr ? "" : (up->path.empty() ? name : up->path + "/" + name);
+    // A folder and a file of the same path get different inodes.
+    const uint64_t inode =
+        parent == 0 ? kRootInode : inode_for(kind == NodeKind::kDirectory ? path + "/" : path);
+    CatalogNode& node = tree->nodes[inode];
+    node.inode = inode;
+    node.parent = parent == 0 ? kRootInode : parent;
+    node.name = name;
+    node.path = path;
+    node.kind = kind;
+    if (up != nullptr) up->children[name] = inode;
+    return node;
+  };
+  add_node(0, "", NodeKind::kDirectory);
+  std::unordered_map<std::string, std::shared_ptr<CatalogEntry>> in_use;
+  for (Placed& item : placed) {
+    std::vector<std::string> parts;
+    if (!split_path(item.path, parts) || parts[0] == kStatsFolder) {
+      log_.error_once("skipping an object with an unusable name: " + item.path);
+      continue;
+    }
+    uint64_t folder = kRootInode;
+    bool blocked = false;
+    for (size_t i = 0; i + 1 < parts.size() && !blocked; ++i) {
+      const CatalogNode* existing = tree->child(folder, parts[i]);
+      if (existing == nullptr) {
+        folder = add_node(folder, parts[i], NodeKind::kDirectory).inode;
+      } else if (existing->kind == NodeKind::kDirectory) {
+        folder = existing->inode;
+      } else {
+        blocked = true;
+      }
+    }
+    if (blocked || tree->child(folder, parts.back()) != nullptr) {
+      log_.error_once("skipping " + item.path + ": the name is already taken");
+      continue;
+    }
+    CatalogNode& node = add_node(folder, parts.back(), item.entry->kind);
+    node.size = item.entry->size;
+    node.entry = item.entry;
+    in_use[entry_id(item.entry->object)] = item.entry;
+  }
+  const uint64_t stats_folder = add_node(kRootInode, kStatsFolder, NodeKind::kDirectory).inode;
+  add_node(stats_folder, kStatsFile, NodeKind::kStats);
+  entries_ = std::move(in_use);
+  return std::shared_ptr<const CatalogTree>(std::move(tree));
+}
+
+std::shared_ptr<const CatalogTree> Catalog::tree() {
+  std::unique_lock lock(mutex_);
+  if (list_ttl_seconds_ == 0 || listing_ ||
+      std::time(nullptr) - listed_at_ < static_cast<time_t>(list_ttl_seconds_)) {
+    return tree_;
+  }
+  listing_ = true;
+  lock.unlock();
+  auto next = list_and_build();
+  lock.lock();
+  listing_ = false;
+  listed_at_ = std::time(nullptr);
+  if (next.ok()) {
+    tree_ = std::move(next).value();
+  } else {
+    log_.error("keeping the previous listing: " + next.status().to_string());
+  }
+  return tree_;
+}
+
+Result<std::shared_ptr<const BlockSource>> Catalog::open_source(CatalogEntry& entry,
+                                                                const std::string& path) {
+  std::unique_lock lock(entry.mutex);
+  entry.opened.wait(lock, [&] { return !entry.opening; });
+  if (entry.source) return entry.source;
+  entry.opening = true;
   lock.unlock();
 
-  Result<OpenedImage> opened = Status::InvalidArgument(node.path + " is not a file");
-  if (node.kind == NodeKind::kImage) {
-    if (node.manifest) {
-      opened = opener_.open_bundle(node.object, *node.manifest, &node.counters);
+  Result<OpenedImage> opened = Status::InvalidArgument(path + " is not a file");
+  if (entry.kind == NodeKind::kImage) {
+    if (entry.manifest) {
+      opened = opener_.open_manifest(entry.object, *entry.manifest, &entry.counters);
     } else {
-      opened = node.manifest_status;
+      opened = entry.manifest_status;
     }
-  } else if (node.kind == NodeKind::kObject) {
-    opened = opener_.open_object(node.object, &node.counters);
+  } else if (entry.kind == NodeKind::kObject) {
+    opened = opener_.open_object(entry.object, &entry.counters);
   }
 
   lock.lock();
-  node.opening = false;
-  node.opened.notify_all();
+  entry.opening = false;
+  entry.opened.notify_all();
   if (!opened.ok()) {
-    node.last_error = opened.status();
-    log_.error_once("image " + node.path + ": cannot open: " + opened.status().to_string());
+    entry.last_error = opened.status();
+    log_.error_once("image " + path + ": cannot open: " + opened.status().to_string());
     return opened.status();
   }
-  node.source = opened->source;
-  node.gzip = opened->gzip;
-  node.cached = opened->cached;
-  node.last_error = Status::OK();
-  return node.source;
+  entry.source = opened->source;
+  entry.gzip = opened->gzip;
+  entry.cached = opened->cached;
+  entry.last_error = Status::OK();
+  return entry.source;
 }
 
-std::string Catalog::stats_json() const {
+std::string Catalog::stats_json(const std::string& extra) const {
+  std::shared_ptr<const CatalogTree> tree;
+  {
+    std::lock_guard lock(mutex_);
+    tree = tree_;
+  }
   std::string out = "{";
   append_counters(out, totals_);
   out += ",\"cache_bytes\":" +
          std::to_string(block_store_ != nullptr ? block_store_->bytes_used() : 0);
+  if (!extra.empty()) out += "," + extra;
   out += ",\"images\":{";
+  std::map<std::string, const CatalogNode*> by_path;
+  for (const auto& [inode, node] : tree->nodes) {
+    if (node.entry) by_path[node.path] = &node;
+  }
   bool first = true;
-  for (const auto& node : nodes_) {
-    if (node->kind != NodeKind::kImage && node->kind != NodeKind::kObject) continue;
+  for (const auto& [path, node] : by_path) {
+    CatalogEntry& entry = *node->entry;
     if (!first) out += ',';
     first = false;
-    append_json_string(out, node->path);
+    append_json_string(out, path);
     out += ":{";
-    append_counters(out, node->counters);
-    out += ",\"size\":" + std::to_string(node->size);
-    std::lock_guard lock(node->mutex);
+    append_counters(out, entry.counters);
+    out += ",\"size\":" + std::to_string(entry.size);
     out += ",\"kind\":";
-    out += node->kind == NodeKind::kImage ? "\"bundle\"" : "\"object\"";
+    if (entry.kind == NodeKind::kObject) {
+      out += "\"object\"";
+    } else if (entry.manifest && std::holds_alternative<formats::ImportManifest>(*entry.manifest)) {
+      out += "\"import\"";
+    } else {
+      out += "\"bundle\"";
+    }
+    std::lock_guard lock(entry.mutex);
     out += ",\"state\":";
-    out += node->source ? "\"open\"" : (node->last_error.ok() ? "\"closed\"" : "\"failed\"");
-    if (!node->last_error.ok()) {
+    out += entry.source ? "\"open\"" : (entry.last_error.ok() ? "\"closed\"" : "\"failed\"");
+    if (!entry.last_error.ok()) {
       out += ",\"error\":";
-      append_json_string(out, node->last_error.to_string());
+      append_json_string(out, entry.last_error.to_string());
     }
     out += ",\"cache_bytes\":" +
-           std::to_string(node->cached != nullptr ? node->cached->cached_bytes() : 0);
-    if (node->gzip != nullptr) {
-      out += ",\"inflated_bytes\":" + std::to_string(node->gzip->inflated_bytes());
-      out += ",\"checkpoints\":" + std::to_string(node->gzip->checkpoint_count());
+           std::to_string(entry.cached != nullptr ? entry.cached->cached_bytes() : 0);
+    if (entry.gzip != nullptr) {
+      out += ",\"inflated_bytes\":" + std::to_string(entry.gzip->inflated_bytes());
+      out += ",\"checkpoints\":" + std::to_string(entry.gzip->checkpoint_count());
     }
     out += '}';
   }

@@ -1,7 +1,9 @@
-// Catalog: the mounted tree. It lists the bucket once at mount time and turns it into virtual
-// files: each bundle manifest "K.manifest.xml" (or "Kmanifest.xml") becomes a raw image file "K",
-// the parts it names are hidden, every other object shows as itself, and ".imgfs/stats.json"
-// reports live counters. Image chains are opened lazily, once, on first open().
+// Catalog: the mounted tree. It lists the bucket and turns it into virtual files: each
+// manifest "K.manifest.xml" (or "Kmanifest.xml"), bundle or import, becomes a raw image file
+// "K", the parts it names are hidden, every other object shows as itself, and
+// ".imgfs/stats.json" reports live counters. The listing is kept for a TTL, then taken again;
+// each tree is an immutable snapshot, inode numbers stay with their paths, and an object whose
+// ETag did not change keeps its parsed manifest, its opened chain and its counters.
 #pragma once
 
 #include <condition_variable>
@@ -12,6 +14,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "formats/block_source.h"
@@ -23,21 +26,17 @@ namespace imgfs::fusefs {
 
 enum class NodeKind { kDirectory, kImage, kObject, kStats };
 
-// One file or folder of the mount. Fields above the mutex are fixed once the catalog is built.
-struct CatalogNode {
-  uint64_t inode = 0;
-  uint64_t parent = 0;
-  std::string name;
-  std::string path;  // from the mount's root, without a leading '/'
-  NodeKind kind = NodeKind::kDirectory;
-  std::map<std::string, uint64_t> children;  // name -> inode, for folders
+// One image or plain object version (key + ETag) and its lazily opened chain. Shared by every
+// tree snapshot that shows it and by open file handles.
+struct CatalogEntry {
+  NodeKind kind = NodeKind::kObject;  // kImage or kObject
+  remote::ObjectInfo object;          // the manifest, or the plain object
+  std::optional<ParsedManifest> manifest;  // images whose manifest parsed
+  Status manifest_status;                  // why it did not
   uint64_t size = 0;
-  remote::ObjectInfo object;                          // the manifest, or the plain object
-  std::optional<formats::BundleManifest> manifest;    // for images whose manifest parsed
-  Status manifest_status;                             // why the manifest did not parse
   IoCounters counters;
 
-  std::mutex mutex;  // guards the lazily opened chain below
+  std::mutex mutex;  // guards the chain below; a leaf lock
   std::condition_variable opened;
   bool opening = false;                          // GUARDED_BY(mutex)
   std::shared_ptr<const BlockSource> source;     // GUARDED_BY(mutex)
@@ -46,42 +45,87 @@ struct CatalogNode {
   Status last_error;                             // GUARDED_BY(mutex)
 };
 
+// One file or folder of a tree snapshot. Immutable once the snapshot is built.
+struct CatalogNode {
+  uint64_t inode = 0;
+  uint64_t parent = 0;
+  std::string name;
+  std::string path;  // from the mount's root, without a leading '/'
+  NodeKind kind = NodeKind::kDirectory;
+  std::map<std::string, uint64_t> children;  // name -> inode, for folders
+  uint64_t size = 0;
+  std::shared_ptr<CatalogEntry> entry;  // images and objects
+};
+
+// An immutable snapshot of the tree.
+struct CatalogTree {
+  std::unordered_map<uint64_t, CatalogNode> nodes;
+
+  // Null when there is no such inode / child.
+  const CatalogNode* node(uint64_t inode) const;
+  const CatalogNode* child(uint64_t parent, const std::string& name) const;
+};
+
 class Catalog {
  public:
   static constexpr uint64_t kRootInode = 1;
 
-  // Lists `store` under `prefix` (a folder prefix ending in '/', or ""), reads every manifest and
-  // builds the tree. `opener`, `log` and `block_store` (may be null) outlive the catalog.
-  static Result<std::unique_ptr<Catalog>> build(const ImageOpener& opener, const std::string& prefix,
-                                                Logger& log, const cache::BlockStore* block_store);
+  // Lists `store` under `prefix` (a folder prefix ending in '/', or ""), reads every manifest
+  // and builds the first tree; fails when that first listing fails. `opener`, `log` and
+  // `block_store` (may be null) outlive the catalog. `list_ttl_seconds` = 0 lists once only.
+  static Result<std::unique_ptr<Catalog>> build(const ImageOpener& opener, std::string prefix,
+                                                Logger& log,
+                                                const cache::BlockStore* block_store,
+                                                uint32_t list_ttl_seconds);
 
-  // Null when there is no such inode / child. Thread-safe (the tree never changes).
-  CatalogNode* node(uint64_t inode) const;
-  CatalogNode* child(uint64_t parent, const std::string& name) const;
+  // The current tree; when it is older than the TTL, the calling thread lists again first
+  // (one at a time; others keep the current tree). A failed listing keeps the old tree and is
+  // logged. Thread-safe.
+  std::shared_ptr<const CatalogTree> tree();
 
-  // The chain serving an image or object node, opened on first use (single-flight). A failure
-  // is logged once with the image's path and cause, returned, and retried on the next call.
-  Result<std::shared_ptr<const BlockSource>> open_source(CatalogNode& node);
+  // The chain serving an entry, opened on first use (single-flight). A failure is logged once
+  // with the image's path and cause, returned, and retried on the next call. Thread-safe.
+  Result<std::shared_ptr<const BlockSource>> open_source(CatalogEntry& entry,
+                                                         const std::string& path);
 
-  // The live counters as JSON: mount totals at the top, per image under "images".
-  std::string stats_json() const;
-
-  IoCounters& totals() { return totals_; }
+  // The live counters as JSON: mount totals at the top, per image under "images". `extra`
+  // (may be empty) is spliced in at the top level, e.g. the store's endpoint and failovers.
+  std::string stats_json(const std::string& extra) const;
 
   // When the catalog was built: the times every file and folder shows.
   time_t built_at() const { return built_at_; }
 
+  // How long the kernel may keep names and attributes: the listing TTL (an hour when the
+  // listing is taken once only).
+  double attr_timeout_seconds() const {
+    return list_ttl_seconds_ == 0 ? 3600.0 : static_cast<double>(list_ttl_seconds_);
+  }
+
  private:
-  Catalog(const ImageOpener& opener, Logger& log, const cache::BlockStore* block_store);
-  CatalogNode& add_node(uint64_t parent, const std::string& name, NodeKind kind);
-  CatalogNode& ensure_folder(const std::string& folder_path);
+  Catalog(const ImageOpener& opener, std::string prefix, Logger& log,
+          const cache::BlockStore* block_store, uint32_t list_ttl_seconds);
+
+  // Lists the store and builds a new tree, reusing entries whose key and ETag are unchanged.
+  // Runs without mutex_ held except to read and update the maps.
+  Result<std::shared_ptr<const CatalogTree>> list_and_build();
+  uint64_t inode_for(const std::string& path);  // REQUIRES(mutex_)
 
   const ImageOpener& opener_;
+  const std::string prefix_;
   Logger& log_;
   const cache::BlockStore* block_store_;
-  IoCounters totals_;
+  const uint32_t list_ttl_seconds_;
   const time_t built_at_;
-  std::vector<std::unique_ptr<CatalogNode>> nodes_;  // index = inode - 1
+  IoCounters totals_;
+
+  // Lock order: mutex_ before any CatalogEntry::mutex.
+  mutable std::mutex mutex_;
+  std::shared_ptr<const CatalogTree> tree_;  // GUARDED_BY(mutex_)
+  time_t listed_at_ = 0;                     // GUARDED_BY(mutex_)
+  bool listing_ = false;                     // GUARDED_BY(mutex_)
+  std::unordered_map<std::string, uint64_t> inode_by_path_;  // GUARDED_BY(mutex_)
+  // key + "\n" + etag -> entry, for reuse across listings.
+  std::unordered_map<std::string, std::shared_ptr<CatalogEntry>> entries_;  // GUARDED_BY(mutex_)
 };
 
 }  // namespace imgfs::fusefs

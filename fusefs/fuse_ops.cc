@@ -16,12 +16,10 @@ namespace imgfs::fusefs {
 
 namespace {
 
-// The tree never changes while mounted, so the kernel may keep names and attributes long.
-constexpr double kAttrTimeoutSeconds = 3600.0;
-
 struct FileHandle {
-  CatalogNode* node = nullptr;
-  std::shared_ptr<const BlockSource> source;  // images and objects
+  std::shared_ptr<CatalogEntry> entry;        // images and objects; null for stats.json
+  std::string path;
+  std::shared_ptr<const BlockSource> source;  // null when the chain failed to open
   std::string snapshot;                       // stats.json, taken at open
 };
 
@@ -62,37 +60,43 @@ void guarded(fuse_req_t req, const char* op, Body&& body) {
 
 void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
   guarded(req, "lookup", [&] {
-    CatalogNode* node = context(req).catalog.child(parent, name);
+    Catalog& catalog = context(req).catalog;
+    auto tree = catalog.tree();
+    const CatalogNode* node = tree->child(parent, name);
     if (node == nullptr) {
       fuse_reply_err(req, ENOENT);
       return;
     }
     fuse_entry_param entry{};
     entry.ino = node->inode;
-    entry.attr = attributes_of(*node, context(req).catalog.built_at());
-    entry.attr_timeout = kAttrTimeoutSeconds;
-    entry.entry_timeout = kAttrTimeoutSeconds;
+    entry.attr = attributes_of(*node, catalog.built_at());
+    entry.attr_timeout = catalog.attr_timeout_seconds();
+    entry.entry_timeout = catalog.attr_timeout_seconds();
     fuse_reply_entry(req, &entry);
   });
 }
 
 void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
   guarded(req, "getattr", [&] {
-    CatalogNode* node = context(req).catalog.node(ino);
+    Catalog& catalog = context(req).catalog;
+    auto tree = catalog.tree();
+    const CatalogNode* node = tree->node(ino);
     if (node == nullptr) {
       fuse_reply_err(req, ENOENT);
       return;
     }
-    struct stat st = attributes_of(*node, context(req).catalog.built_at());
+    struct stat st = attributes_of(*node, catalog.built_at());
     // stats.json changes all the time: never let the kernel keep its attributes.
-    fuse_reply_attr(req, &st, node->kind == NodeKind::kStats ? 0.0 : kAttrTimeoutSeconds);
+    fuse_reply_attr(req, &st,
+                    node->kind == NodeKind::kStats ? 0.0 : catalog.attr_timeout_seconds());
   });
 }
 
 void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, fuse_file_info*) {
   guarded(req, "readdir", [&] {
     Catalog& catalog = context(req).catalog;
-    CatalogNode* folder = catalog.node(ino);
+    auto tree = catalog.tree();
+    const CatalogNode* folder = tree->node(ino);
     if (folder == nullptr || folder->kind != NodeKind::kDirectory) {
       fuse_reply_err(req, folder == nullptr ? ENOENT : ENOTDIR);
       return;
@@ -109,9 +113,10 @@ void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, fuse_
       used += need;
       return true;
     };
-    bool room = add(".", *folder) && add("..", *catalog.node(folder->parent));
+    const CatalogNode* up = tree->node(folder->parent);
+    bool room = add(".", *folder) && add("..", up != nullptr ? *up : *folder);
     for (auto it = folder->children.begin(); room && it != folder->children.end(); ++it) {
-      room = add(it->first.c_str(), *catalog.node(it->second));
+      room = add(it->first.c_str(), *tree->node(it->second));
     }
     fuse_reply_buf(req, buffer.data(), used);
   });
@@ -124,7 +129,8 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
       return;
     }
     FuseContext& ctx = context(req);
-    CatalogNode* node = ctx.catalog.node(ino);
+    auto tree = ctx.catalog.tree();
+    const CatalogNode* node = tree->node(ino);
     if (node == nullptr) {
       fuse_reply_err(req, ENOENT);
       return;
@@ -134,14 +140,15 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
       return;
     }
     auto handle = std::make_unique<FileHandle>();
-    handle->node = node;
+    handle->path = node->path;
     if (node->kind == NodeKind::kStats) {
-      handle->snapshot = ctx.catalog.stats_json();
+      handle->snapshot = ctx.catalog.stats_json(ctx.stats_extra ? ctx.stats_extra() : "");
       fi->direct_io = 1;
     } else {
+      handle->entry = node->entry;
       // A chain that cannot open still opens as a file; its reads answer EIO (logged once).
       // direct_io sends those reads to us even when the size is unknown (0).
-      auto source = ctx.catalog.open_source(*node);
+      auto source = ctx.catalog.open_source(*handle->entry, handle->path);
       if (source.ok()) {
         handle->source = std::move(source).value();
         fi->keep_cache = 1;  // images are immutable while mounted
@@ -162,7 +169,7 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, fuse_file_in
       return;
     }
     const uint64_t start = static_cast<uint64_t>(offset);
-    if (handle->node->kind == NodeKind::kStats) {
+    if (!handle->entry) {
       const std::string& text = handle->snapshot;
       const size_t from = start < text.size() ? start : text.size();
       const size_t length = std::min(size, text.size() - from);
@@ -173,7 +180,7 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, fuse_file_in
     std::shared_ptr<const BlockSource> chain = handle->source;
     if (!chain) {
       // Opening failed at open(): try again, the cause may have been transient.
-      auto reopened = ctx.catalog.open_source(*handle->node);
+      auto reopened = ctx.catalog.open_source(*handle->entry, handle->path);
       if (!reopened.ok()) {
         fuse_reply_err(req, errno_for_read(reopened.status()));
         return;
@@ -190,13 +197,13 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, fuse_file_in
     buffer.resize(end - start);
     Status s = source.read_at(start, std::span(buffer.data(), end - start));
     if (!s.ok()) {
-      ctx.log.error_once(handle->node->path + ": read " + std::to_string(end - start) +
+      ctx.log.error_once(handle->path + ": read " + std::to_string(end - start) +
                          " bytes at " + std::to_string(start) + " via " + source.describe() +
                          ": " + s.to_string());
       fuse_reply_err(req, errno_for_read(s));
       return;
     }
-    handle->node->counters.add(IoCounters::kBytesServed, end - start);
+    handle->entry->counters.add(IoCounters::kBytesServed, end - start);
     fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), end - start);
   });
 }

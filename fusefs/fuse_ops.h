@@ -6,15 +6,20 @@
 #define FUSE_USE_VERSION 314
 #include <fuse_lowlevel.h>
 
+#include <functional>
+#include <string>
+
 #include "fusefs/catalog.h"
 #include "fusefs/logger.h"
 
 namespace imgfs::fusefs {
 
-// The session's user data: both outlive the session.
+// The session's user data: everything here outlives the session.
 struct FuseContext {
   Catalog& catalog;
   Logger& log;
+  // More top-level stats.json fields (e.g. the S3 endpoint in use); may be empty.
+  std::function<std::string()> stats_extra;
 };
 
 // The operations; pass a FuseContext* as the session's userdata.

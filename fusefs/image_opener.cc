@@ -1,6 +1,8 @@
 #include "fusefs/image_opener.h"
 
+#include "formats/concat_source.h"
 #include "remote/object_source.h"
+#include "remote/url_source.h"
 
 namespace imgfs::fusefs {
 
@@ -13,7 +15,29 @@ std::string key_folder(const std::string& key) {
   return slash == std::string::npos ? "" : key.substr(0, slash + 1);
 }
 
-Result<formats::BundleManifest> ImageOpener::read_manifest(
+uint64_t image_size_of(const ParsedManifest& manifest) {
+  if (const auto* bundle = std::get_if<formats::BundleManifest>(&manifest)) {
+    return bundle->image.size;
+  }
+  return std::get<formats::ImportManifest>(manifest).file_size();
+}
+
+std::vector<std::string> part_keys_of(const std::string& manifest_key,
+                                      const ParsedManifest& manifest) {
+  std::vector<std::string> keys;
+  if (const auto* bundle = std::get_if<formats::BundleManifest>(&manifest)) {
+    const std::string folder = key_folder(manifest_key);
+    for (const formats::BundlePart& part : bundle->parts) keys.push_back(folder + part.filename);
+  } else {
+    // Import manifests name their parts by key in the bucket, not beside the manifest.
+    for (const formats::ImportPart& part : std::get<formats::ImportManifest>(manifest).parts) {
+      keys.push_back(part.key);
+    }
+  }
+  return keys;
+}
+
+Result<ParsedManifest> ImageOpener::read_manifest(
     const remote::ObjectInfo& manifest_object) const {
   if (manifest_object.size > kMaxManifestBytes) {
     return Status::Corruption(manifest_object.key + ": manifest is larger than 32 MiB");
@@ -22,9 +46,60 @@ Result<formats::BundleManifest> ImageOpener::read_manifest(
   Status s = store_.read_range(manifest_object, 0,
                                std::as_writable_bytes(std::span(text.data(), text.size())));
   if (!s.ok()) return s;
+  if (formats::looks_like_import_manifest(text)) {
+    auto manifest = formats::parse_import_manifest(text);
+    if (!manifest.ok()) return manifest.status().with_context(manifest_object.key);
+    return ParsedManifest(std::move(manifest).value());
+  }
   auto manifest = formats::parse_bundle_manifest(text);
   if (!manifest.ok()) return manifest.status().with_context(manifest_object.key);
-  return manifest;
+  return ParsedManifest(std::move(manifest).value());
+}
+
+Result<OpenedImage> ImageOpener::open_manifest(const remote::ObjectInfo& manifest_object,
+                                               const ParsedManifest& manifest,
+                                               IoCounters* counters) const {
+  if (const auto* bundle = std::get_if<formats::BundleManifest>(&manifest)) {
+    return open_bundle(manifest_object, *bundle, counters);
+  }
+  return open_import(manifest_object, std::get<formats::ImportManifest>(manifest), counters);
+}
+
+Result<OpenedImage> ImageOpener::open_import(const remote::ObjectInfo& manifest_object,
+                                             const formats::ImportManifest& manifest,
+                                             IoCounters* counters) const {
+  const std::string& name = manifest_object.key;
+  if (manifest.file_format != formats::ImportFileFormat::kRaw) {
+    return Status::NotSupported(name + ": import file-format " +
+                                std::string(formats::import_file_format_name(manifest.file_format)) +
+                                " is not supported yet; only RAW imports can be read");
+  }
+  formats::ImportManifest fitted = manifest;
+  std::vector<std::unique_ptr<BlockSource>> parts;
+  std::vector<uint64_t> sizes;
+  for (const formats::ImportPart& part : fitted.parts) {
+    const std::string label = name + ": part " + std::to_string(part.index) + " (" + part.key + ")";
+    auto info = store_.head(part.key);
+    if (info.ok()) {
+      sizes.push_back(info->size);
+      parts.push_back(std::make_unique<remote::ObjectSource>(store_, std::move(info).value(),
+                                                             counters));
+      continue;
+    }
+    if (info.status().code() != StatusCode::kNotFound || part.get_url.empty()) {
+      return info.status().with_context(label);
+    }
+    auto by_url = remote::open_url_source(store_, part.get_url, part.key, counters);
+    if (!by_url.ok()) return by_url.status().with_context(label);
+    sizes.push_back((*by_url)->size());
+    parts.push_back(std::move(by_url).value());
+  }
+  if (Status s = fitted.fit_to_object_sizes(sizes); !s.ok()) return s.with_context(name);
+  auto disk = formats::open_concat(std::move(parts));
+  if (!disk.ok()) return disk.status().with_context(name);
+  OpenedImage opened;
+  add_cache(std::move(disk).value(), "import:" + name, manifest_object.etag, counters, opened);
+  return opened;
 }
 
 void ImageOpener::add_cache(std::unique_ptr<BlockSource> chain, const std::string& source_id,

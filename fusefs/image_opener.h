@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "cache/block_store.h"
@@ -13,6 +14,7 @@
 #include "formats/bundle_keys.h"
 #include "formats/bundle_manifest.h"
 #include "formats/image_stack.h"
+#include "formats/import_manifest.h"
 #include "formats/io_counters.h"
 #include "formats/verified_part_source.h"
 #include "remote/object_store.h"
@@ -27,6 +29,16 @@ struct ImageOpenerConfig {
   uint32_t cache_block_bytes = 256u << 10;
 };
 
+// A manifest object, parsed: a bundle manifest (2007-10-10) or an import manifest (2010-11-15).
+using ParsedManifest = std::variant<formats::BundleManifest, formats::ImportManifest>;
+
+// The size of the raw image a manifest describes (the import's file size for imports).
+uint64_t image_size_of(const ParsedManifest& manifest);
+
+// The keys of the part objects a manifest names (hidden from the mount's listing).
+std::vector<std::string> part_keys_of(const std::string& manifest_key,
+                                      const ParsedManifest& manifest);
+
 // What an opened bundle chain offers: the top of the chain plus its gzip layer for progress.
 struct OpenedImage {
   std::shared_ptr<const BlockSource> source;
@@ -40,8 +52,19 @@ class ImageOpener {
   ImageOpener(const remote::ObjectStore& store, ImageOpenerConfig config)
       : store_(store), config_(std::move(config)) {}
 
-  // Reads and parses a bundle manifest object (at most 32 MiB). Thread-safe.
-  Result<formats::BundleManifest> read_manifest(const remote::ObjectInfo& manifest_object) const;
+  // Reads and parses a manifest object (at most 32 MiB), bundle or import. Thread-safe.
+  Result<ParsedManifest> read_manifest(const remote::ObjectInfo& manifest_object) const;
+
+  // Opens the image a parsed manifest describes (open_bundle or open_import). Thread-safe.
+  Result<OpenedImage> open_manifest(const remote::ObjectInfo& manifest_object,
+                                    const ParsedManifest& manifest, IoCounters* counters) const;
+
+  // Opens an imported disk: its parts by key in the bucket, or by their pre-signed get-url
+  // when the key is not there, concatenated by byte range. Formats other than RAW are
+  // NotSupported until their layers exist. Thread-safe.
+  Result<OpenedImage> open_import(const remote::ObjectInfo& manifest_object,
+                                  const formats::ImportManifest& manifest,
+                                  IoCounters* counters) const;
 
   // Opens the bundle described by `manifest`, whose parts sit beside the manifest object.
   // `counters` (may be null) receives fetch and cache counts. Thread-safe.

@@ -8,6 +8,7 @@
 
 #include "cli/commands.h"
 #include "fusefs/mount_command.h"
+#include "remote/http_client.h"
 
 namespace {
 
@@ -31,6 +32,10 @@ int main(int argc, char** argv) {
   const std::vector<std::string> args(argv + 2, argv + argc);
   // libxml2 2.9 initialises itself lazily and not thread-safely: do it once, up front.
   xmlInitParser();
+  if (imgfs::Status s = imgfs::remote::HttpClient::init_globally(); !s.ok()) {
+    std::cerr << "imgfs: " << s.to_string() << "\n";
+    return 1;
+  }
   try {
     if (command == "mount") return imgfs::fusefs::run_mount_command(args);
     if (command == "cat") return imgfs::cli::run_cat_command(args);

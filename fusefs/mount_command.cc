@@ -22,7 +22,7 @@
 #include "fusefs/image_opener.h"
 #include "fusefs/logger.h"
 #include "fusefs/mount_options.h"
-#include "remote/dir_store.h"
+#include "fusefs/store_factory.h"
 
 namespace imgfs::fusefs {
 
@@ -81,9 +81,7 @@ int run_mount_command(const std::vector<std::string>& args) {
     verify_cert = std::move(cert).value();
   }
 
-  std::string source = options.source;
-  if (source.rfind("file://", 0) == 0) source = source.substr(7);
-  auto store = remote::DirStore::open(absolute_path(source));
+  auto store = open_store(options);
   if (!store.ok()) return fail(store.status().to_string());
 
   std::error_code ec;
@@ -104,12 +102,13 @@ int run_mount_command(const std::vector<std::string>& args) {
   config.part_pool = &part_pool;
   config.block_store = block_store->get();
   config.cache_block_bytes = options.cache_block_bytes;
-  ImageOpener opener(**store, config);
+  ImageOpener opener(*store->store, config);
 
-  auto catalog = Catalog::build(opener, "", log, block_store->get());
+  auto catalog =
+      Catalog::build(opener, store->prefix, log, block_store->get(), options.list_ttl_seconds);
   if (!catalog.ok()) return fail(catalog.status().to_string());
 
-  FuseContext context{**catalog, log};
+  FuseContext context{**catalog, log, store->stats};
   std::vector<std::string> fuse_argv = {"imgfs", "-o",
                                         "ro,default_permissions,fsname=imgfs,subtype=imgfs"};
   if (options.allow_other) fuse_argv.insert(fuse_argv.end(), {"-o", "allow_other"});
@@ -129,7 +128,8 @@ int run_mount_command(const std::vector<std::string>& args) {
     fuse_session_destroy(session);
     return fail("cannot mount on " + options.mountpoint);
   }
-  log.info("mounted " + (*store)->describe() + " on " + options.mountpoint);
+  log.info("mounted " + store->store->describe() + " on " + options.mountpoint +
+           (store->credential_source.empty() ? "" : " (keys from " + store->credential_source + ")"));
   // The launching process exits 0 here, once the mount is ready; the child serves.
   fuse_daemonize(options.foreground ? 1 : 0);
   if (!options.foreground) log.use_syslog();

@@ -52,6 +52,22 @@ std::string default_cache_dir() {
   return "/tmp/imgfs-cache-" + std::to_string(geteuid());
 }
 
+Result<std::optional<S3Location>> parse_s3_location(const std::string& source) {
+  constexpr std::string_view kScheme = "s3://";
+  if (source.rfind(kScheme, 0) != 0) return std::optional<S3Location>();
+  const std::string rest = source.substr(kScheme.size());
+  const size_t slash = rest.find('/');
+  S3Location location;
+  location.bucket = rest.substr(0, slash);
+  if (location.bucket.empty()) return Status::InvalidArgument("s3:// needs a bucket: " + source);
+  if (slash != std::string::npos) {
+    location.prefix = rest.substr(slash + 1);
+    while (!location.prefix.empty() && location.prefix.back() == '/') location.prefix.pop_back();
+    if (!location.prefix.empty()) location.prefix += '/';
+  }
+  return std::optional<S3Location>(location);
+}
+
 Result<MountOptions> parse_mount_options(const std::vector<std::string>& args) {
   MountOptions options;
   options.cache_dir = default_cache_dir();
@@ -98,6 +114,43 @@ Result<MountOptions> parse_mount_options(const std::vector<std::string>& args) {
         status = Status::InvalidArgument("--cache-block must be a power of two from 4K to 64M");
       }
       options.cache_block_bytes = static_cast<uint32_t>(bytes);
+    } else if (arg == "--endpoint") {
+      auto text = value();
+      if (!text.ok()) return text.status();
+      options.endpoints.push_back(*text);
+    } else if (arg == "--region" || arg == "--credentials" || arg == "--profile" ||
+               arg == "--ca-file") {
+      auto text = value();
+      if (!text.ok()) return text.status();
+      if (arg == "--region") options.region = *text;
+      if (arg == "--credentials") options.credentials_file = *text;
+      if (arg == "--profile") options.profile = *text;
+      if (arg == "--ca-file") options.ca_file = *text;
+    } else if (arg == "--list-ttl" || arg == "--timeout" || arg == "--retries" ||
+               arg == "--max-connections") {
+      auto text = value();
+      if (!text.ok()) return text.status();
+      auto number = parse_byte_size(*text);
+      if (!number.ok() || *number > 86400 || (arg == "--max-connections" && *number == 0) ||
+          (arg == "--timeout" && *number == 0)) {
+        return Status::InvalidArgument(arg + " takes a whole number (at most 86400), not '" +
+                                       *text + "'");
+      }
+      const auto n = static_cast<uint32_t>(*number);
+      if (arg == "--list-ttl") options.list_ttl_seconds = n;
+      if (arg == "--timeout") options.timeout_seconds = n;
+      if (arg == "--retries") options.retries = static_cast<int>(n);
+      if (arg == "--max-connections") options.max_connections = static_cast<int>(n);
+    } else if (arg == "--sigv2") {
+      options.sigv2 = true;
+    } else if (arg == "--no-sign") {
+      options.no_sign = true;
+    } else if (arg == "--path-style") {
+      options.path_style = true;
+    } else if (arg == "--virtual-host") {
+      options.path_style = false;
+    } else if (arg == "--insecure") {
+      options.insecure = true;
     } else if (arg == "--foreground" || arg == "-f") {
       options.foreground = true;
     } else if (arg == "--allow-other") {
@@ -116,6 +169,11 @@ Result<MountOptions> parse_mount_options(const std::vector<std::string>& args) {
   }
   options.source = positional[0];
   options.mountpoint = positional[1];
+  if (options.sigv2 && options.no_sign) {
+    return Status::InvalidArgument("--sigv2 and --no-sign exclude each other");
+  }
+  auto s3 = parse_s3_location(options.source);
+  if (!s3.ok()) return s3.status();
   return options;
 }
 

@@ -11,8 +11,24 @@
 namespace imgfs::fusefs {
 
 struct MountOptions {
-  std::string source;      // a directory path or file:///path
+  std::string source;      // a directory path, file:///path or s3://BUCKET[/PREFIX]
   std::string mountpoint;
+  uint32_t list_ttl_seconds = 60;           // --list-ttl: how long a listing is kept
+
+  // S3 (for s3:// sources).
+  std::vector<std::string> endpoints;       // --endpoint, repeatable: failover order
+  std::optional<std::string> region;        // --region
+  bool sigv2 = false;                       // --sigv2
+  bool no_sign = false;                     // --no-sign
+  std::optional<bool> path_style;           // --path-style / --virtual-host
+  std::optional<std::string> credentials_file;  // --credentials
+  std::optional<std::string> profile;       // --profile
+  std::optional<std::string> ca_file;       // --ca-file
+  bool insecure = false;                    // --insecure
+  int max_connections = 8;                  // --max-connections
+  int retries = 5;                          // --retries
+  uint32_t timeout_seconds = 30;            // --timeout: per request
+
   std::vector<std::string> key_paths;       // --key, repeatable
   std::optional<std::string> verify_cert;   // --verify-cert
   std::string cache_dir;                    // --cache-dir
@@ -30,6 +46,13 @@ Result<uint64_t> parse_byte_size(const std::string& text);
 
 // Parses the arguments after `imgfs mount`. InvalidArgument names the bad option.
 Result<MountOptions> parse_mount_options(const std::vector<std::string>& args);
+
+// s3://BUCKET[/PREFIX] -> {bucket, prefix ending in '/' or ""}; nullopt for other sources.
+struct S3Location {
+  std::string bucket;
+  std::string prefix;
+};
+Result<std::optional<S3Location>> parse_s3_location(const std::string& source);
 
 // The cache directory used when --cache-dir is not given: /var/cache/imgfs for root,
 // else $XDG_CACHE_HOME/imgfs or ~/.cache/imgfs.

@@ -41,6 +41,17 @@ class ObjectStore {
 
   // One-line identity for logs: "dir:/path" or "s3://bucket/prefix".
   virtual std::string describe() const = 0;
+
+  // Unsigned reads of a pre-signed URL (an import manifest's get-url), for stores that speak
+  // HTTP. Thread-safe. Errors: NotSupported (this store has no HTTP), IOError (expired URL,
+  // transport), NotFound.
+  virtual Result<uint64_t> head_url_size(const std::string& url) const {
+    return Status::NotSupported(describe() + " cannot fetch URLs");
+  }
+  virtual Status read_url_range(const std::string& url, uint64_t offset,
+                                std::span<std::byte> out) const {
+    return Status::NotSupported(describe() + " cannot fetch URLs");
+  }
 };
 
 }  // namespace imgfs::remote

@@ -1,7 +1,13 @@
 # Shared helpers for the FUSE integration tests. Source it with the imgfs binary as $1.
 # Every test works in its own temp folder and unmounts and removes everything on exit.
+#
+# IMGFS_TEST_STORE picks where mount_bucket serves a bucket folder from, so the same test bodies
+# run against every store: "dir" (the folder itself, the default), "s3" (uploaded to s3rver on
+# 127.0.0.1, SigV4) or "s3v2" (the same with --sigv2, which s3rver verifies).
 set -euo pipefail
 IMGFS=$(readlink -f "$1")
+STORE=${IMGFS_TEST_STORE:-dir}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 WORK=$(mktemp -d /tmp/imgfs-it.XXXXXX)
 MOUNTS=()
 cleanup() {
@@ -9,6 +15,14 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+if [ "$STORE" != dir ]; then
+  # shellcheck source=../support/s3rver_harness.sh
+  source "$REPO/tests/support/s3rver_harness.sh"
+  s3_start "$WORK/s3data" imgfs-seed >/dev/null
+  export AWS_ACCESS_KEY_ID=S3RVER AWS_SECRET_ACCESS_KEY=S3RVER
+  unset AWS_SESSION_TOKEN AWS_PROFILE
+fi
+BUCKETS=0
 
 fail() {
   echo "FAIL: $*" >&2
@@ -95,13 +109,30 @@ shell_unbundle() {
   cat $parts | openssl enc -d -aes-128-cbc -K "$k" -iv "$iv" | gzip -dc | tar -xO
 }
 
-# mount_bucket BUCKET MOUNTPOINT NAME [imgfs options...]: mounts, logging to $WORK/NAME.log.
+# s3_bucket_of FOLDER NAME: uploads FOLDER into a new s3rver bucket and prints its name.
+s3_bucket_of() {
+  BUCKETS=$((BUCKETS + 1))
+  local bucket
+  bucket="it-$BUCKETS-$(echo "$2" | tr -c 'a-z0-9\n' '-')"
+  curl -sf -X PUT "$S3_ENDPOINT/$bucket" >/dev/null || fail "cannot create bucket $bucket"
+  s3_put_tree "$bucket" "$1" >/dev/null || fail "cannot upload $1"
+  echo "$bucket"
+}
+
+# mount_bucket FOLDER MOUNTPOINT NAME [imgfs options...]: mounts the bucket FOLDER stands for
+# (the folder itself, or a copy uploaded to s3rver), logging to $WORK/NAME.log.
 mount_bucket() {
-  local bucket=$1 mnt=$2 name=$3
+  local folder=$1 mnt=$2 name=$3
   shift 3
   mkdir -p "$mnt"
-  timeout 60 "$IMGFS" mount "$bucket" "$mnt" --cache-dir "$WORK/cache-$name" \
-    --log-file "$WORK/$name.log" "$@" || fail "mount of $bucket failed"
+  local source=$folder
+  local store_options=()
+  case "$STORE" in
+    s3) source="s3://$(s3_bucket_of "$folder" "$name")"; store_options=(--endpoint "$S3_ENDPOINT") ;;
+    s3v2) source="s3://$(s3_bucket_of "$folder" "$name")"; store_options=(--endpoint "$S3_ENDPOINT" --sigv2) ;;
+  esac
+  timeout 60 "$IMGFS" mount "$source" "$mnt" --cache-dir "$WORK/cache-$name" \
+    --log-file "$WORK/$name.log" "${store_options[@]}" "$@" || fail "mount of $source failed"
   MOUNTS+=("$mnt")
 }
 
@@ -112,4 +143,27 @@ unmount() {
 # stat_field FILE KEY: a top-level number from stats.json.
 stat_field() {
   grep -o "\"$2\":[0-9]*" "$1" | head -1 | cut -d: -f2
+}
+
+# import_manifest FILE NAME PART_SIZE FORMAT OUT_DIR KEY_FOLDER: an EC2 import of FILE the way
+# ec2-import-volume / euca-import-volume lays it out: FILE cut into PART_SIZE byte ranges,
+# stored as OUT_DIR/KEY_FOLDER/NAME.part.N, and OUT_DIR/KEY_FOLDER/NAME.manifest.xml naming
+# each part by key (relative to the bucket) with inclusive byte ranges.
+import_manifest() {
+  local file=$1 name=$2 part_size=$3 format=$4 out=$5 folder=$6
+  mkdir -p "$out/$folder"
+  local size count=0 parts="" start=0
+  size=$(stat -c %s "$file")
+  while [ "$start" -lt "$size" ]; do
+    local end=$((start + part_size - 1))
+    [ "$end" -lt "$size" ] || end=$((size - 1))
+    dd if="$file" of="$out/$folder/$name.part.$count" bs=1M iflag=skip_bytes,count_bytes \
+      skip="$start" count=$((end - start + 1)) status=none
+    parts+="<part index=\"$count\"><byte-range start=\"$start\" end=\"$end\"/><key>$folder/$name.part.$count</key>"
+    parts+="<head-url>http://unused.invalid/h</head-url><get-url>http://unused.invalid/g</get-url></part>"
+    count=$((count + 1))
+    start=$((end + 1))
+  done
+  printf "<?xml version='1.0' encoding='UTF-8' standalone='yes'?>\n<manifest><version>2010-11-15</version><file-format>%s</file-format><importer><name>euca2ools</name><version>3.4.1</version><release>0</release></importer><self-destruct-url>http://unused.invalid/d</self-destruct-url><import><size>%s</size><volume-size>1</volume-size><parts count=\"%s\">%s</parts></import></manifest>" \
+    "$format" "$size" "$count" "$parts" >"$out/$folder/$name.manifest.xml"
 }

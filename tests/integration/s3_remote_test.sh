@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# S3 itself, against s3rver on 127.0.0.1: import manifests (10 MiB and odd parts, a part only
+# reachable through its get-url, a format without its layer yet), paging past 1000 keys, keys
+# with spaces and plus signs, a prefix mount, and faults injected by our proxy: 503 SlowDown,
+# 500, resets, short bodies and delays are retried to byte-identical reads; a part that keeps
+# failing gives EIO in bounded time while other images work; a dead endpoint fails over.
+export IMGFS_TEST_STORE=${IMGFS_TEST_STORE:-s3}
+source "$(dirname "$0")/lib.sh"
+
+make_keys cloud
+B="$WORK/bucket"
+mkdir -p "$B/many"
+make_image "$WORK/disk.raw" $((25 * 1048576 + 1234)) 11
+make_image "$WORK/odd.raw" 7000001 12
+make_image "$WORK/url.raw" 3000000 13
+import_manifest "$WORK/disk.raw" disk.raw 10485760 RAW "$B" "imports/7c1e0000-aaaa"
+import_manifest "$WORK/odd.raw" odd.raw 3333333 RAW "$B" "imports/7c1e0000-bbbb"
+import_manifest "$WORK/odd.raw" stream.vmdk 3333333 VMDK "$B" "imports/7c1e0000-cccc"
+# url.raw: part 1 lives in another bucket and is reachable only through its get-url.
+import_manifest "$WORK/url.raw" url.raw 1048576 RAW "$B" "imports/7c1e0000-dddd"
+mkdir -p "$WORK/elsewhere"
+mv "$B/imports/7c1e0000-dddd/url.raw.part.1" "$WORK/elsewhere/"
+curl -sf -X PUT "$S3_ENDPOINT/elsewhere" >/dev/null
+s3_put elsewhere "parts/url.raw.part.1" "$WORK/elsewhere/url.raw.part.1" >/dev/null
+sed -i "s|<key>imports/7c1e0000-dddd/url.raw.part.1</key><head-url>[^<]*</head-url><get-url>[^<]*</get-url>|<key>imports/7c1e0000-dddd/url.raw.part.1</key><head-url>$S3_ENDPOINT/elsewhere/parts/url.raw.part.1</head-url><get-url>$S3_ENDPOINT/elsewhere/parts/url.raw.part.1?X-Amz-Expires=604800</get-url>|" \
+  "$B/imports/7c1e0000-dddd/url.raw.manifest.xml"
+make_image "$WORK/sp.img" 2000000 14
+"$IMGFS" bundle "$WORK/sp.img" --cert "$WORK/cloud-cert.pem" --prefix "my disk+1.img" \
+  --part-size 1M -d "$B/odd names" >/dev/null
+for i in $(seq 1 1100); do echo "$i" >"$B/many/object-$i"; done
+
+M="$WORK/mnt"
+mount_bucket "$B" "$M" main --key "$WORK/cloud-pk.pem"
+for path in 7c1e0000-aaaa/disk.raw 7c1e0000-bbbb/odd.raw 7c1e0000-dddd/url.raw; do
+  f=$(basename "$path")
+  [ "$(stat -c %s "$M/imports/$path")" = "$(stat -c %s "$WORK/$f")" ] || fail "$f size"
+  timeout 120 cmp "$M/imports/$path" "$WORK/$f" || fail "import $f differs"
+done
+[ ! -e "$M/imports/7c1e0000-aaaa/disk.raw.part.0" ] || fail "import parts must be hidden"
+pass "RAW imports (10 MiB parts, odd parts, a part only behind its get-url) read byte-identical"
+if timeout 30 head -c 1 "$M/imports/7c1e0000-cccc/stream.vmdk" >/dev/null 2>&1; then fail "VMDK import served"; fi
+grep -q "stream.vmdk.*NotSupported" "$WORK/main.log" || fail "no NotSupported log line for VMDK"
+pass "a VMDK import appears and fails its reads with a NotSupported log line"
+[ "$(ls "$M/many" | wc -l)" = 1100 ] || fail "listing past 1000 keys: $(ls "$M/many" | wc -l)"
+[ "$(cat "$M/many/object-1077")" = 1077 ] || fail "object-1077"
+pass "listing pages past 1000 keys"
+timeout 60 cmp "$M/odd names/my disk+1.img" "$WORK/sp.img" || fail "key with a space and a plus"
+pass "keys with spaces and plus signs"
+unmount "$M"
+
+# A prefix mount shows only that folder.
+BUCKET=$(s3_bucket_of "$B" prefix)
+MP="$WORK/mnt-prefix"
+mkdir -p "$MP"
+"$IMGFS" mount "s3://$BUCKET/imports/7c1e0000-bbbb" "$MP" --endpoint "$S3_ENDPOINT" \
+  --cache-dir "$WORK/cache-prefix" --log-file "$WORK/prefix.log" || fail "prefix mount"
+MOUNTS+=("$MP")
+[ "$(ls "$MP")" = "odd.raw" ] || fail "prefix mount shows: $(ls "$MP")"
+timeout 60 cmp "$MP/odd.raw" "$WORK/odd.raw" || fail "prefix mount read"
+unmount "$MP"
+pass "a prefix mount shows only its folder"
+
+# Faults, through our proxy in front of s3rver: each mode on a fresh mount (empty cache).
+fault_start "$S3_ENDPOINT" >/dev/null
+PROXY=$FAULT_ENDPOINT
+PROXY_PID=$FAULT_PID
+for mode in 503 500 reset short delay=300; do
+  MF="$WORK/mnt-fault"
+  mkdir -p "$MF"
+  "$IMGFS" mount "s3://$BUCKET" "$MF" --endpoint "$PROXY" --retries 5 --timeout 5 \
+    --cache-dir "$WORK/cache-fault-$mode" --log-file "$WORK/fault.log" || fail "fault mount"
+  MOUNTS+=("$MF")
+  fault_arm "$mode" 3 "disk.raw.part.1" "$PROXY" >/dev/null
+  timeout 120 cmp "$MF/imports/7c1e0000-aaaa/disk.raw" "$WORK/disk.raw" || fail "$mode: bytes differ"
+  injected=$(fault_stats "$PROXY" | grep -o "\"${mode%%=*}\":[0-9]*" | cut -d: -f2)
+  [ "${injected:-0}" -ge 1 ] || fail "$mode: the proxy injected no fault: $(fault_stats "$PROXY")"
+  fault_clear "$PROXY" >/dev/null
+  unmount "$MF"
+done
+pass "503, 500, reset, short body and delay are retried to byte-identical reads"
+
+# A part that keeps failing: EIO within the retry budget, and the other images keep working.
+MF="$WORK/mnt-dead"
+mkdir -p "$MF"
+"$IMGFS" mount "s3://$BUCKET" "$MF" --endpoint "$PROXY" --retries 2 --timeout 2 \
+  --cache-dir "$WORK/cache-dead" --log-file "$WORK/dead.log" || fail "dead-part mount"
+MOUNTS+=("$MF")
+fault_arm 503 -1 "odd.raw.part.1" "$PROXY" >/dev/null
+start=$(date +%s)
+if timeout 60 cat "$MF/imports/7c1e0000-bbbb/odd.raw" >/dev/null 2>"$WORK/dead.err"; then
+  fail "a permanently failing part was served"
+fi
+took=$(( $(date +%s) - start ))
+grep -q "Input/output error" "$WORK/dead.err" || fail "expected EIO: $(cat "$WORK/dead.err")"
+[ "$took" -le 30 ] || fail "EIO took ${took}s"
+grep -q "503" "$WORK/dead.log" || fail "no log line with the HTTP status"
+timeout 60 cmp "$MF/imports/7c1e0000-aaaa/disk.raw" "$WORK/disk.raw" || fail "other image after a dead part"
+fault_clear "$PROXY" >/dev/null
+unmount "$MF"
+pass "a permanently failing part gives EIO in ${took}s; other images keep working"
+
+# Failover: two endpoints; the first dies mid-read and requests move to the second.
+fault_start "$S3_ENDPOINT" >/dev/null
+SECOND=$FAULT_ENDPOINT
+MF="$WORK/mnt-failover"
+mkdir -p "$MF"
+"$IMGFS" mount "s3://$BUCKET" "$MF" --endpoint "$PROXY" --endpoint "$SECOND" --retries 5 \
+  --timeout 5 --cache-dir "$WORK/cache-failover" --log-file "$WORK/failover.log" || fail "failover mount"
+MOUNTS+=("$MF")
+timeout 30 dd if="$MF/imports/7c1e0000-aaaa/disk.raw" of=/dev/null bs=4k count=1 status=none
+fault_stop "$PROXY_PID" >/dev/null
+timeout 120 cmp "$MF/imports/7c1e0000-aaaa/disk.raw" "$WORK/disk.raw" || fail "failover read"
+FAILOVERS=$(stat_field "$MF/.imgfs/stats.json" failovers)
+grep -q "\"endpoint\":\"$SECOND\"" "$MF/.imgfs/stats.json" || fail "endpoint not moved: $(cat "$MF/.imgfs/stats.json" | head -c 300)"
+[ "$FAILOVERS" -ge 1 ] || fail "no failover counted"
+unmount "$MF"
+pass "a dead endpoint fails over to the next ($FAILOVERS failovers)"
+echo "all S3 checks passed"
