@@ -83,6 +83,7 @@ int run_mount_command(const std::vector<std::string>& args) {
 
   auto store = open_store(options);
   if (!store.ok()) return fail(store.status().to_string());
+  if (options.insecure) log.error("--insecure: TLS certificates of the store are not verified");
 
   std::error_code ec;
   const std::string cache_dir = absolute_path(options.cache_dir);

@@ -60,6 +60,22 @@ timeout 60 cmp "$MP/odd.raw" "$WORK/odd.raw" || fail "prefix mount read"
 unmount "$MP"
 pass "a prefix mount shows only its folder"
 
+# An object that changes under a mounted image: its reads fail with EIO, never mixed bytes.
+MC="$WORK/mnt-changed"
+mount_bucket "$B" "$MC" changed
+CHANGED_BUCKET=$(sed -n 's:.*mounted s3\://\([^ ]*\) via.*:\1:p' "$WORK/changed.log")
+timeout 30 dd if="$MC/imports/7c1e0000-bbbb/odd.raw" of=/dev/null bs=4k count=1 status=none ||
+  fail "first read before the change"
+head -c 3333333 /dev/zero >"$WORK/zero.part"
+s3_put "$CHANGED_BUCKET" "imports/7c1e0000-bbbb/odd.raw.part.1" "$WORK/zero.part" >/dev/null
+if timeout 60 dd if="$MC/imports/7c1e0000-bbbb/odd.raw" of=/dev/null bs=64k skip=60 count=1 \
+  status=none 2>"$WORK/changed.err"; then
+  fail "a changed object was served"
+fi
+grep -q "changed since it was opened" "$WORK/changed.log" || fail "no log line for the changed object"
+unmount "$MC"
+pass "an object changed under a mounted image gives EIO and a log line"
+
 # Faults, through our proxy in front of s3rver: each mode on a fresh mount (empty cache).
 fault_start "$S3_ENDPOINT" >/dev/null
 PROXY=$FAULT_ENDPOINT
