@@ -170,6 +170,33 @@ Result<UnwrappedPair> unwrap_pair(const PrivateKey& key, std::string_view key_he
   return UnwrappedPair(*aes_key, *iv);
 }
 
+// Checks an RSA PKCS#1 v1.5 signature with digest `md` (named `algorithm` in errors), given as
+// hex of either case, over `text`.
+Status verify_rsa_pkcs1_hex(const EVP_MD* md, const char* algorithm, const Certificate& certificate,
+                            std::string_view text, std::string_view signature_hex) {
+  std::optional<std::vector<uint8_t>> signature = hex_decode(signature_hex);
+  if (!signature || signature->empty()) {
+    return Status::Corruption("manifest signature is not a hex string");
+  }
+  ERR_clear_error();
+  std::unique_ptr<EVP_MD_CTX, MdCtxFree> ctx(EVP_MD_CTX_new());
+  EVP_PKEY_CTX* pkey_ctx = nullptr;  // Owned by ctx.
+  if (ctx == nullptr ||
+      EVP_DigestVerifyInit(ctx.get(), &pkey_ctx, md, nullptr, certificate.public_key()) != 1 ||
+      EVP_PKEY_CTX_set_rsa_padding(pkey_ctx, RSA_PKCS1_PADDING) != 1) {
+    return Status::NotSupported(std::string(algorithm) +
+                                " verification is unavailable: " + openssl_error());
+  }
+  const int verified =
+      EVP_DigestVerify(ctx.get(), signature->data(), signature->size(),
+                       reinterpret_cast<const unsigned char*>(text.data()), text.size());
+  if (verified != 1) {
+    return Status::Corruption("manifest signature does not verify with certificate " +
+                              certificate.describe() + ": " + openssl_error());
+  }
+  return Status::OK();
+}
+
 }  // namespace
 
 Result<PrivateKey> PrivateKey::load_file(const std::string& path) {
@@ -297,28 +324,14 @@ Result<UnwrappedPair> unwrap_bundle_key_iv(const BundleManifest& manifest,
 
 Status verify_bundle_signature(const BundleManifest& manifest, const Certificate& certificate) {
   if (manifest.signature == "UNSIGNED") return Status::Corruption("manifest is unsigned");
-  std::optional<std::vector<uint8_t>> signature = hex_decode(manifest.signature);
-  if (!signature || signature->empty()) {
-    return Status::Corruption("manifest signature is not a hex string");
-  }
-  ERR_clear_error();
-  std::unique_ptr<EVP_MD_CTX, MdCtxFree> ctx(EVP_MD_CTX_new());
-  EVP_PKEY_CTX* pkey_ctx = nullptr;  // Owned by ctx.
-  if (ctx == nullptr ||
-      EVP_DigestVerifyInit(ctx.get(), &pkey_ctx, EVP_sha1(), nullptr, certificate.public_key()) !=
-          1 ||
-      EVP_PKEY_CTX_set_rsa_padding(pkey_ctx, RSA_PKCS1_PADDING) != 1) {
-    return Status::NotSupported("SHA1withRSA verification is unavailable: " + openssl_error());
-  }
-  const int verified =
-      EVP_DigestVerify(ctx.get(), signature->data(), signature->size(),
-                       reinterpret_cast<const unsigned char*>(manifest.signed_text.data()),
-                       manifest.signed_text.size());
-  if (verified != 1) {
-    return Status::Corruption("manifest signature does not verify with certificate " +
-                              certificate.describe() + ": " + openssl_error());
-  }
-  return Status::OK();
+  return verify_rsa_pkcs1_hex(EVP_sha1(), "SHA1withRSA", certificate, manifest.signed_text,
+                              manifest.signature);
+}
+
+Status verify_sha256_rsa_signature(const Certificate& certificate, std::string_view signed_text,
+                                   std::string_view signature_hex) {
+  return verify_rsa_pkcs1_hex(EVP_sha256(), "SHA256withRSA", certificate, signed_text,
+                              signature_hex);
 }
 
 Result<std::string> wrap_bundle_secret(const Certificate& certificate,

@@ -1,7 +1,8 @@
 // Bundle keys: RSA private keys and X.509 certificates (PEM) turned into the bundle's AES-128
 // key and IV (unwrapping), signature checks, and the writer's wrap and sign steps.
-// Follows FORMATS.md (a.4) for the two hex layers around the RSA PKCS#1 v1.5 blob and (a.5) for
-// the SHA1withRSA signature. OpenSSL 3 EVP only.
+// Follows FORMATS.md (a.4) for the two hex layers around the RSA PKCS#1 v1.5 blob, (a.5) for
+// the SHA1withRSA signature and (a.7) for a download manifest's SHA256withRSA one. OpenSSL 3 EVP
+// only.
 #pragma once
 
 #include <openssl/types.h>
@@ -101,6 +102,14 @@ Result<std::pair<std::array<uint8_t, 16>, std::array<uint8_t, 16>>> unwrap_bundl
 // Errors: Corruption ("manifest is unsigned", a signature that is not hex or does not verify),
 // NotSupported (this OpenSSL refuses SHA1 signatures, e.g. under a crypto policy).
 Status verify_bundle_signature(const BundleManifest& manifest, const Certificate& certificate);
+
+// Checks a SHA256withRSA (RSA PKCS#1 v1.5 over SHA-256) signature of `signed_text`, given as hex
+// of either case: what the Eucalyptus 4 CLC writes into a download manifest's <signature>
+// (FORMATS.md a.7). Thread-safe.
+// Errors: Corruption (the signature is empty, not hex, or does not verify with the certificate's
+// key, e.g. a changed text or another key), NotSupported (this OpenSSL cannot verify SHA-256 RSA).
+Status verify_sha256_rsa_signature(const Certificate& certificate, std::string_view signed_text,
+                                   std::string_view signature_hex);
 
 // The writer's side of unwrap_bundle_secret: RSA PKCS#1 v1.5 encryption of the 32-character
 // lowercase hex form of `secret`, as lowercase hex. Random padding, so never the same twice.

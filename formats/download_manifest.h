@@ -16,7 +16,7 @@
 // key and wrapped again (RSA PKCS#1 v1.5, same plaintext: the 32 hex characters) for the node's
 // public key, so bundle_keys' unwrap_bundle_secret() opens them with the node's private key.
 // The signature is SHA256withRSA by the cloud key over signed_text (see below).
-// A pure parser: no I/O, no key handling.
+// A pure parser: no I/O; verify_download_manifest_signature() is the one key-handling step.
 #pragma once
 
 #include <array>
@@ -30,6 +30,8 @@
 #include "formats/status.h"
 
 namespace imgfs::formats {
+
+class Certificate;
 
 // Manifests with more parts are refused (10 MiB parts make that a 1 TB image).
 inline constexpr uint64_t kMaxDownloadParts = 100000;
@@ -94,6 +96,14 @@ std::string_view download_file_format_name(DownloadFileFormat format);
 // case, as eucatoolkit compares it), a digest algorithm other than SHA1 or a signature algorithm
 // other than RSA-SHA256. Unknown elements are ignored.
 Result<DownloadManifest> parse_download_manifest(std::string_view xml_text);
+
+// Checks manifest.signature_hex, the CLC's SHA256withRSA signature, over manifest.signed_text
+// with `certificate` (the cloud certificate). Thread-safe.
+// Errors: those of verify_sha256_rsa_signature() (bundle_keys.h): Corruption when the signature
+// is not hex or does not verify; NotSupported when OpenSSL cannot verify, or when
+// signature_algorithm is not RSA-SHA256 (possible only in a manifest not made by the parser).
+Status verify_download_manifest_signature(const DownloadManifest& manifest,
+                                          const Certificate& certificate);
 
 // True when the text looks like a download manifest: "<manifest" and "2014-01-14" appear in its
 // first 64 KiB. A cheap sniff for routing, not a check. Pure and thread-safe.

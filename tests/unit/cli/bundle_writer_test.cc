@@ -1,10 +1,7 @@
 #include "cli/bundle_writer.h"
 
 #include <gtest/gtest.h>
-#include <openssl/bio.h>
 #include <openssl/evp.h>
-#include <openssl/pem.h>
-#include <openssl/x509.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -16,6 +13,7 @@
 
 #include "formats/bundle_keys.h"
 #include "formats/bundle_manifest.h"
+#include "tests/support/crypto_fixtures.h"
 #include "tests/support/test_sources.h"
 
 namespace imgfs::cli {
@@ -45,40 +43,6 @@ void write_text(const std::string& path, const std::string& text, mode_t mode) {
   write_file(path,
              std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size()),
              mode);
-}
-
-std::string bio_text(BIO* bio) {
-  char* data = nullptr;
-  const long length = BIO_get_mem_data(bio, &data);
-  return std::string(data, static_cast<size_t>(length));
-}
-
-std::string private_pem(EVP_PKEY* key) {
-  BIO* bio = BIO_new(BIO_s_mem());
-  EXPECT_EQ(1, PEM_write_bio_PrivateKey(bio, key, nullptr, nullptr, 0, nullptr, nullptr));
-  std::string pem = bio_text(bio);
-  BIO_free(bio);
-  return pem;
-}
-
-std::string self_signed_pem(EVP_PKEY* key) {
-  X509* cert = X509_new();
-  X509_set_version(cert, 2);
-  ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
-  X509_gmtime_adj(X509_getm_notBefore(cert), 0);
-  X509_gmtime_adj(X509_getm_notAfter(cert), 3600);
-  X509_set_pubkey(cert, key);
-  X509_NAME* name = X509_get_subject_name(cert);
-  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
-                             reinterpret_cast<const unsigned char*>("imgfs test"), -1, -1, 0);
-  X509_set_issuer_name(cert, name);
-  EXPECT_GT(X509_sign(cert, key, EVP_sha256()), 0);
-  BIO* bio = BIO_new(BIO_s_mem());
-  EXPECT_EQ(1, PEM_write_bio_X509(bio, cert));
-  std::string pem = bio_text(bio);
-  BIO_free(bio);
-  X509_free(cert);
-  return pem;
 }
 
 std::vector<uint8_t> image_bytes(uint64_t length, uint32_t seed) {
@@ -180,8 +144,8 @@ struct Unbundled {
 class BundleWriterTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    cloud_ = EVP_RSA_gen(2048);
-    user_ = EVP_RSA_gen(2048);
+    cloud_ = testing::generate_rsa_key(2048).release();
+    user_ = testing::generate_rsa_key(2048).release();
   }
   static void TearDownTestSuite() {
     EVP_PKEY_free(cloud_);
@@ -192,10 +156,10 @@ class BundleWriterTest : public ::testing::Test {
     char pattern[] = "/tmp/imgfs_bundle_writer_test_XXXXXX";
     ASSERT_NE(nullptr, ::mkdtemp(pattern));
     dir_ = pattern;
-    write_text(dir_ + "/cloud-cert.pem", self_signed_pem(cloud_), 0644);
-    write_text(dir_ + "/cloud-pk.pem", private_pem(cloud_), 0600);
-    write_text(dir_ + "/user-cert.pem", self_signed_pem(user_), 0644);
-    write_text(dir_ + "/user-pk.pem", private_pem(user_), 0600);
+    write_text(dir_ + "/cloud-cert.pem", testing::self_signed_certificate_pem(cloud_), 0644);
+    write_text(dir_ + "/cloud-pk.pem", testing::private_key_pem(cloud_), 0600);
+    write_text(dir_ + "/user-cert.pem", testing::self_signed_certificate_pem(user_), 0644);
+    write_text(dir_ + "/user-pk.pem", testing::private_key_pem(user_), 0600);
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
 

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -16,10 +17,16 @@
 #include <sstream>
 #include <thread>
 
+#include "tests/support/crypto_fixtures.h"
+
 namespace imgfs::formats {
 namespace {
 
-EvpPkeyPtr generate_rsa(unsigned bits) { return EvpPkeyPtr(EVP_RSA_gen(bits)); }
+using testing::certificate_of;
+using testing::generate_rsa_key;
+using testing::private_key_of;
+using testing::private_key_pem;
+using testing::self_signed_certificate_pem;
 
 std::string bio_text(BIO* bio) {
   char* data = nullptr;
@@ -27,53 +34,9 @@ std::string bio_text(BIO* bio) {
   return std::string(data, static_cast<size_t>(length));
 }
 
-// PKCS#8 ("BEGIN PRIVATE KEY") or PKCS#1 ("BEGIN RSA PRIVATE KEY").
-std::string private_pem(EVP_PKEY* key, bool pkcs8) {
-  BIO* bio = BIO_new(BIO_s_mem());
-  if (pkcs8) {
-    EXPECT_EQ(1, PEM_write_bio_PrivateKey(bio, key, nullptr, nullptr, 0, nullptr, nullptr));
-  } else {
-    EXPECT_EQ(
-        1, PEM_write_bio_PrivateKey_traditional(bio, key, nullptr, nullptr, 0, nullptr, nullptr));
-  }
-  std::string pem = bio_text(bio);
-  BIO_free(bio);
-  return pem;
-}
-
-std::string self_signed_pem(EVP_PKEY* key) {
-  X509* cert = X509_new();
-  X509_set_version(cert, 2);
-  ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
-  X509_gmtime_adj(X509_getm_notBefore(cert), 0);
-  X509_gmtime_adj(X509_getm_notAfter(cert), 3600);
-  X509_set_pubkey(cert, key);
-  X509_NAME* name = X509_get_subject_name(cert);
-  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
-                             reinterpret_cast<const unsigned char*>("imgfs test"), -1, -1, 0);
-  X509_set_issuer_name(cert, name);
-  EXPECT_GT(X509_sign(cert, key, EVP_sha256()), 0);
-  BIO* bio = BIO_new(BIO_s_mem());
-  EXPECT_EQ(1, PEM_write_bio_X509(bio, cert));
-  std::string pem = bio_text(bio);
-  BIO_free(bio);
-  X509_free(cert);
-  return pem;
-}
-
 // Raw RSA PKCS#1 v1.5 encryption of arbitrary plaintext, as hex.
 std::string rsa_encrypt_hex(EVP_PKEY* key, const std::string& plain) {
-  EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new_from_pkey(nullptr, key, nullptr);
-  EXPECT_EQ(1, EVP_PKEY_encrypt_init(ctx));
-  EXPECT_EQ(1, EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_PADDING));
-  size_t length = 0;
-  const auto* in = reinterpret_cast<const unsigned char*>(plain.data());
-  EXPECT_EQ(1, EVP_PKEY_encrypt(ctx, nullptr, &length, in, plain.size()));
-  std::vector<uint8_t> out(length);
-  EXPECT_EQ(1, EVP_PKEY_encrypt(ctx, out.data(), &length, in, plain.size()));
-  out.resize(length);
-  EVP_PKEY_CTX_free(ctx);
-  return hex_encode(out);
+  return hex_encode(testing::rsa_pkcs1_encrypt(key, plain));
 }
 
 void write_file(const std::string& path, const std::string& text, mode_t mode) {
@@ -92,10 +55,10 @@ bool have_openssl_cli() { return std::system("command -v openssl >/dev/null 2>&1
 class BundleKeysTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    cloud_ = generate_rsa(2048).release();
-    user_ = generate_rsa(2048).release();
-    other_ = generate_rsa(2048).release();
-    small_ = generate_rsa(1024).release();
+    cloud_ = generate_rsa_key(2048).release();
+    user_ = generate_rsa_key(2048).release();
+    other_ = generate_rsa_key(2048).release();
+    small_ = generate_rsa_key(1024).release();
   }
   static void TearDownTestSuite() {
     for (EVP_PKEY* key : {cloud_, user_, other_, small_}) EVP_PKEY_free(key);
@@ -108,26 +71,15 @@ class BundleKeysTest : public ::testing::Test {
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
 
-  static PrivateKey key_of(EVP_PKEY* key) {
-    Result<PrivateKey> loaded = PrivateKey::from_pem(private_pem(key, true));
-    EXPECT_TRUE(loaded.ok()) << loaded.status().to_string();
-    return std::move(*loaded);
-  }
-  static Certificate cert_of(EVP_PKEY* key) {
-    Result<Certificate> loaded = Certificate::from_pem(self_signed_pem(key));
-    EXPECT_TRUE(loaded.ok()) << loaded.status().to_string();
-    return std::move(*loaded);
-  }
-
   // A manifest whose ec2 pair is wrapped for `cloud_` and whose user pair for `user_`.
   BundleManifest wrapped_manifest(const std::array<uint8_t, 16>& key,
                                   const std::array<uint8_t, 16>& iv, bool with_user) {
     BundleManifest manifest;
-    Certificate cloud = cert_of(cloud_);
+    Certificate cloud = certificate_of(cloud_);
     manifest.image.ec2_encrypted_key = *wrap_bundle_secret(cloud, key);
     manifest.image.ec2_encrypted_iv = *wrap_bundle_secret(cloud, iv);
     if (with_user) {
-      Certificate user = cert_of(user_);
+      Certificate user = certificate_of(user_);
       manifest.image.user_encrypted_key = *wrap_bundle_secret(user, key);
       manifest.image.user_encrypted_iv = *wrap_bundle_secret(user, iv);
     }
@@ -149,19 +101,19 @@ EVP_PKEY* BundleKeysTest::small_ = nullptr;
 TEST_F(BundleKeysTest, LoadsPkcs1AndPkcs8KeysFromFiles) {
   for (bool pkcs8 : {false, true}) {
     const std::string path = dir_ + (pkcs8 ? "/pkcs8.pem" : "/pkcs1.pem");
-    write_file(path, private_pem(user_, pkcs8), 0600);
+    write_file(path, private_key_pem(user_, pkcs8), 0600);
     Result<PrivateKey> key = PrivateKey::load_file(path);
     ASSERT_TRUE(key.ok()) << key.status().to_string();
     EXPECT_EQ(key->describe(), path);
     EXPECT_EQ(1, EVP_PKEY_eq(key->evp_pkey(), user_));
   }
-  write_file(dir_ + "/owner_only.pem", private_pem(user_, true), 0400);
+  write_file(dir_ + "/owner_only.pem", private_key_pem(user_, true), 0400);
   EXPECT_TRUE(PrivateKey::load_file(dir_ + "/owner_only.pem").ok());
 }
 
 TEST_F(BundleKeysTest, RefusesKeyFilesOthersCanRead) {
   const std::string path = dir_ + "/open.pem";
-  write_file(path, private_pem(user_, true), 0644);
+  write_file(path, private_key_pem(user_, true), 0644);
   Result<PrivateKey> key = PrivateKey::load_file(path);
   ASSERT_FALSE(key.ok());
   EXPECT_EQ(key.status().code(), StatusCode::kInvalidArgument);
@@ -179,7 +131,7 @@ TEST_F(BundleKeysTest, RejectsBadKeyFiles) {
   EXPECT_EQ(PrivateKey::load_file(dir_).status().code(), StatusCode::kInvalidArgument);
 
   EXPECT_EQ(PrivateKey::from_pem("not a key").status().code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(PrivateKey::from_pem(self_signed_pem(user_)).status().code(),
+  EXPECT_EQ(PrivateKey::from_pem(self_signed_certificate_pem(user_)).status().code(),
             StatusCode::kInvalidArgument);
 
   // An encrypted key must fail, not prompt on the terminal.
@@ -196,14 +148,14 @@ TEST_F(BundleKeysTest, RejectsBadKeyFiles) {
             std::string::npos);
 
   EvpPkeyPtr ec(EVP_EC_gen("P-256"));
-  Result<PrivateKey> ec_key = PrivateKey::from_pem(private_pem(ec.get(), true));
+  Result<PrivateKey> ec_key = PrivateKey::from_pem(private_key_pem(ec.get(), true));
   ASSERT_FALSE(ec_key.ok());
   EXPECT_NE(ec_key.status().message().find("not an RSA private key"), std::string::npos);
 }
 
 TEST_F(BundleKeysTest, LoadsCertificates) {
   const std::string path = dir_ + "/cert.pem";
-  write_file(path, self_signed_pem(cloud_), 0644);
+  write_file(path, self_signed_certificate_pem(cloud_), 0644);
   Result<Certificate> cert = Certificate::load_file(path);
   ASSERT_TRUE(cert.ok()) << cert.status().to_string();
   EXPECT_EQ(cert->describe(), path);
@@ -211,17 +163,17 @@ TEST_F(BundleKeysTest, LoadsCertificates) {
 
   EXPECT_EQ(Certificate::load_file(dir_ + "/none.pem").status().code(), StatusCode::kNotFound);
   EXPECT_EQ(Certificate::from_pem("junk").status().code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(Certificate::from_pem(private_pem(cloud_, true)).status().code(),
+  EXPECT_EQ(Certificate::from_pem(private_key_pem(cloud_, true)).status().code(),
             StatusCode::kInvalidArgument);
   EvpPkeyPtr ec(EVP_EC_gen("P-256"));
-  Result<Certificate> ec_cert = Certificate::from_pem(self_signed_pem(ec.get()));
+  Result<Certificate> ec_cert = Certificate::from_pem(self_signed_certificate_pem(ec.get()));
   ASSERT_FALSE(ec_cert.ok());
   EXPECT_NE(ec_cert.status().message().find("does not hold an RSA public key"), std::string::npos);
 }
 
 TEST_F(BundleKeysTest, WrapsAndUnwrapsSecrets) {
-  const Certificate cert = cert_of(cloud_);
-  const PrivateKey key = key_of(cloud_);
+  const Certificate cert = certificate_of(cloud_);
+  const PrivateKey key = private_key_of(cloud_);
   const std::array<uint8_t, 16> secret = secret_of(3);
   Result<std::string> wrapped = wrap_bundle_secret(cert, secret);
   ASSERT_TRUE(wrapped.ok()) << wrapped.status().to_string();
@@ -246,7 +198,7 @@ TEST_F(BundleKeysTest, WrapsAndUnwrapsSecrets) {
 }
 
 TEST_F(BundleKeysTest, UnwrapToleratesProducerQuirks) {
-  const PrivateKey key = key_of(user_);
+  const PrivateKey key = private_key_of(user_);
   const std::string hex = "00a1b2c3d4e5f60718293a4b5c6d7e8f";
   std::array<uint8_t, 16> expected;
   std::copy_n(hex_decode(hex)->begin(), 16, expected.begin());
@@ -270,20 +222,20 @@ TEST_F(BundleKeysTest, UnwrapToleratesProducerQuirks) {
 }
 
 TEST_F(BundleKeysTest, UnwrapWithWrongKeyOrDamagedBlobFails) {
-  const std::string wrapped = *wrap_bundle_secret(cert_of(cloud_), secret_of(5));
-  Result<std::array<uint8_t, 16>> wrong = unwrap_bundle_secret(key_of(other_), wrapped);
+  const std::string wrapped = *wrap_bundle_secret(certificate_of(cloud_), secret_of(5));
+  Result<std::array<uint8_t, 16>> wrong = unwrap_bundle_secret(private_key_of(other_), wrapped);
   ASSERT_FALSE(wrong.ok());
   EXPECT_TRUE(wrong.status().code() == StatusCode::kInvalidArgument ||
               wrong.status().code() == StatusCode::kCorruption)
       << wrong.status().to_string();
   EXPECT_NE(wrong.status().message().find("wrong key"), std::string::npos);
 
-  Result<std::array<uint8_t, 16>> small = unwrap_bundle_secret(key_of(small_), wrapped);
+  Result<std::array<uint8_t, 16>> small = unwrap_bundle_secret(private_key_of(small_), wrapped);
   ASSERT_FALSE(small.ok());
   EXPECT_EQ(small.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(small.status().message().find("longer than the 128-byte modulus"), std::string::npos);
 
-  const PrivateKey key = key_of(cloud_);
+  const PrivateKey key = private_key_of(cloud_);
   for (const std::string& bad :
        {std::string(""), std::string("xyz"), wrapped.substr(1), wrapped.substr(0, 510) + "zz"}) {
     Result<std::array<uint8_t, 16>> result = unwrap_bundle_secret(key, bad);
@@ -299,9 +251,9 @@ TEST_F(BundleKeysTest, UnwrapsKeyAndIvWithEitherKeyPair) {
   const std::array<uint8_t, 16> aes_key = secret_of(7);
   const std::array<uint8_t, 16> aes_iv = secret_of(8);
   const BundleManifest manifest = wrapped_manifest(aes_key, aes_iv, true);
-  const PrivateKey cloud = key_of(cloud_);
-  const PrivateKey user = key_of(user_);
-  const PrivateKey other = key_of(other_);
+  const PrivateKey cloud = private_key_of(cloud_);
+  const PrivateKey user = private_key_of(user_);
+  const PrivateKey other = private_key_of(other_);
 
   for (const std::vector<const PrivateKey*>& keys : {std::vector<const PrivateKey*>{&cloud},
                                                      {&user},
@@ -338,32 +290,35 @@ TEST_F(BundleKeysTest, UnwrapsKeyAndIvWithEitherKeyPair) {
 }
 
 TEST_F(BundleKeysTest, SignsAndVerifies) {
-  const PrivateKey user = key_of(user_);
+  const PrivateKey user = private_key_of(user_);
   BundleManifest manifest;
   manifest.signed_text = "<machine_configuration>x</machine_configuration><image>y</image>";
   Result<std::string> signature = sign_bundle_text(user, manifest.signed_text);
   ASSERT_TRUE(signature.ok()) << signature.status().to_string();
   EXPECT_EQ(signature->size(), 512u);
   manifest.signature = *signature;
-  EXPECT_TRUE(verify_bundle_signature(manifest, cert_of(user_)).ok());
+  EXPECT_TRUE(verify_bundle_signature(manifest, certificate_of(user_)).ok());
 
-  Status other = verify_bundle_signature(manifest, cert_of(other_));
+  Status other = verify_bundle_signature(manifest, certificate_of(other_));
   EXPECT_EQ(other.code(), StatusCode::kCorruption);
   EXPECT_NE(other.message().find("does not verify"), std::string::npos);
 
   BundleManifest modified = manifest;
   modified.signed_text[30] = 'z';
-  EXPECT_EQ(verify_bundle_signature(modified, cert_of(user_)).code(), StatusCode::kCorruption);
+  EXPECT_EQ(verify_bundle_signature(modified, certificate_of(user_)).code(),
+            StatusCode::kCorruption);
 
   modified = manifest;
   modified.signature = "UNSIGNED";
-  Status unsigned_status = verify_bundle_signature(modified, cert_of(user_));
+  Status unsigned_status = verify_bundle_signature(modified, certificate_of(user_));
   EXPECT_EQ(unsigned_status.code(), StatusCode::kCorruption);
   EXPECT_EQ(unsigned_status.message(), "manifest is unsigned");
   modified.signature = "xyz";
-  EXPECT_EQ(verify_bundle_signature(modified, cert_of(user_)).code(), StatusCode::kCorruption);
+  EXPECT_EQ(verify_bundle_signature(modified, certificate_of(user_)).code(),
+            StatusCode::kCorruption);
   modified.signature = manifest.signature.substr(2);
-  EXPECT_EQ(verify_bundle_signature(modified, cert_of(user_)).code(), StatusCode::kCorruption);
+  EXPECT_EQ(verify_bundle_signature(modified, certificate_of(user_)).code(),
+            StatusCode::kCorruption);
 }
 
 // The openssl CLI, as euca2ools drives it, agrees with our wrap, unwrap and signature.
@@ -371,8 +326,8 @@ TEST_F(BundleKeysTest, InteroperatesWithOpensslCli) {
   if (!have_openssl_cli()) GTEST_SKIP() << "openssl command not found";
   const std::string cert_path = dir_ + "/cert.pem";
   const std::string key_path = dir_ + "/key.pem";
-  write_file(cert_path, self_signed_pem(user_), 0644);
-  write_file(key_path, private_pem(user_, false), 0600);
+  write_file(cert_path, self_signed_certificate_pem(user_), 0644);
+  write_file(key_path, private_key_pem(user_, false), 0600);
   const std::string hex = "0123456789abcdef00112233445566ff";
   write_file(dir_ + "/secret.txt", hex, 0600);
   ASSERT_EQ(0, std::system(("openssl pkeyutl -encrypt -certin -inkey " + cert_path +
@@ -382,12 +337,12 @@ TEST_F(BundleKeysTest, InteroperatesWithOpensslCli) {
   std::ifstream in(dir_ + "/secret.bin", std::ios::binary);
   const std::string blob((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   Result<std::array<uint8_t, 16>> unwrapped = unwrap_bundle_secret(
-      key_of(user_), hex_encode(std::vector<uint8_t>(blob.begin(), blob.end())));
+      private_key_of(user_), hex_encode(std::vector<uint8_t>(blob.begin(), blob.end())));
   ASSERT_TRUE(unwrapped.ok()) << unwrapped.status().to_string();
   EXPECT_EQ(hex_encode(*unwrapped), hex);
 
   // Our wrap, opened by `openssl rsautl -decrypt -pkcs` (here pkeyutl).
-  const std::string wrapped = *wrap_bundle_secret(cert_of(user_), secret_of(9));
+  const std::string wrapped = *wrap_bundle_secret(certificate_of(user_), secret_of(9));
   const std::vector<uint8_t> wrapped_bytes = *hex_decode(wrapped);
   write_file(dir_ + "/wrapped.bin", std::string(wrapped_bytes.begin(), wrapped_bytes.end()), 0600);
   ASSERT_EQ(0, std::system(("openssl pkeyutl -decrypt -inkey " + key_path +
@@ -410,13 +365,60 @@ TEST_F(BundleKeysTest, InteroperatesWithOpensslCli) {
   BundleManifest manifest;
   manifest.signed_text = text;
   manifest.signature = hex_encode(std::vector<uint8_t>(sig.begin(), sig.end()));
-  EXPECT_TRUE(verify_bundle_signature(manifest, cert_of(user_)).ok());
-  EXPECT_EQ(manifest.signature, *sign_bundle_text(key_of(user_), text));  // Deterministic.
+  EXPECT_TRUE(verify_bundle_signature(manifest, certificate_of(user_)).ok());
+  EXPECT_EQ(manifest.signature, *sign_bundle_text(private_key_of(user_), text));  // Deterministic.
+
+  // A SHA256withRSA signature as the Eucalyptus CLC makes it for a download manifest.
+  ASSERT_EQ(0, std::system(("openssl dgst -sha256 -sign " + key_path + " -out " + dir_ +
+                            "/sig256.bin " + dir_ + "/text.txt")
+                               .c_str()));
+  std::ifstream sig256_in(dir_ + "/sig256.bin", std::ios::binary);
+  const std::string sig256((std::istreambuf_iterator<char>(sig256_in)),
+                           std::istreambuf_iterator<char>());
+  const std::string sig256_hex = hex_encode(std::vector<uint8_t>(sig256.begin(), sig256.end()));
+  EXPECT_TRUE(verify_sha256_rsa_signature(certificate_of(user_), text, sig256_hex).ok());
+  EXPECT_EQ(verify_sha256_rsa_signature(certificate_of(user_), text, manifest.signature).code(),
+            StatusCode::kCorruption);  // The SHA1 signature is not a SHA256 one.
+}
+
+TEST_F(BundleKeysTest, VerifiesSha256Signatures) {
+  const Certificate user = certificate_of(user_);
+  const std::string text = "<version>2014-01-14</version><image><size>16</size></image>";
+  const std::string signature = hex_encode(testing::sign_sha256_rsa(user_, text));
+  EXPECT_EQ(signature.size(), 512u);
+  EXPECT_TRUE(verify_sha256_rsa_signature(user, text, signature).ok());
+  std::string upper = signature;
+  for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  EXPECT_TRUE(verify_sha256_rsa_signature(user, text, upper).ok());
+
+  std::string modified = text;
+  modified[10] = '5';
+  Status changed = verify_sha256_rsa_signature(user, modified, signature);
+  EXPECT_EQ(changed.code(), StatusCode::kCorruption);
+  EXPECT_NE(changed.message().find("does not verify"), std::string::npos);
+  EXPECT_EQ(verify_sha256_rsa_signature(user, text + " ", signature).code(),
+            StatusCode::kCorruption);
+  EXPECT_EQ(verify_sha256_rsa_signature(certificate_of(other_), text, signature).code(),
+            StatusCode::kCorruption);
+
+  std::string flipped = signature;
+  flipped[100] = flipped[100] == '0' ? '1' : '0';
+  EXPECT_EQ(verify_sha256_rsa_signature(user, text, flipped).code(), StatusCode::kCorruption);
+  EXPECT_EQ(verify_sha256_rsa_signature(user, text, "").code(), StatusCode::kCorruption);
+  EXPECT_EQ(verify_sha256_rsa_signature(user, text, "xyz").code(), StatusCode::kCorruption);
+  EXPECT_EQ(verify_sha256_rsa_signature(user, text, signature.substr(1)).code(),
+            StatusCode::kCorruption);
+  EXPECT_EQ(verify_sha256_rsa_signature(user, text, signature.substr(2)).code(),
+            StatusCode::kCorruption);
+  // A SHA1withRSA signature of the same text does not pass as SHA256withRSA.
+  EXPECT_EQ(verify_sha256_rsa_signature(user, text, *sign_bundle_text(private_key_of(user_), text))
+                .code(),
+            StatusCode::kCorruption);
 }
 
 TEST_F(BundleKeysTest, ConcurrentUnwrapsWithOneKey) {
-  const PrivateKey key = key_of(cloud_);
-  const Certificate cert = cert_of(cloud_);
+  const PrivateKey key = private_key_of(cloud_);
+  const Certificate cert = certificate_of(cloud_);
   std::vector<std::string> blobs;
   for (uint8_t i = 0; i < 8; ++i) blobs.push_back(*wrap_bundle_secret(cert, secret_of(i)));
   std::vector<int> failures(8, 0);

@@ -1,10 +1,6 @@
 #include "formats/download_manifest.h"
 
 #include <gtest/gtest.h>
-#include <openssl/bio.h>
-#include <openssl/evp.h>
-#include <openssl/pem.h>
-#include <openssl/rsa.h>
 
 #include <array>
 #include <cctype>
@@ -16,6 +12,7 @@
 
 #include "formats/bundle_keys.h"
 #include "formats/bundle_manifest.h"
+#include "tests/support/crypto_fixtures.h"
 
 namespace imgfs::formats {
 namespace {
@@ -316,87 +313,37 @@ TEST(DownloadManifestTest, Detector) {
   EXPECT_FALSE(looks_like_download_manifest(""));
 }
 
-// Evp-level helpers for the end-to-end test: a node key wraps the bundle key, a cloud key signs.
-struct PkeyFree {
-  void operator()(EVP_PKEY* key) const { EVP_PKEY_free(key); }
-};
-using Pkey = std::unique_ptr<EVP_PKEY, PkeyFree>;
-
-std::string private_pem(EVP_PKEY* key) {
-  BIO* bio = BIO_new(BIO_s_mem());
-  EXPECT_EQ(1, PEM_write_bio_PrivateKey(bio, key, nullptr, nullptr, 0, nullptr, nullptr));
-  char* data = nullptr;
-  const long length = BIO_get_mem_data(bio, &data);
-  std::string pem(data, static_cast<size_t>(length));
-  BIO_free(bio);
-  return pem;
-}
-
 std::string upper_hex(const std::vector<uint8_t>& bytes) {
   std::string hex = hex_encode(bytes);
   for (char& c : hex) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
   return hex;
 }
 
-std::vector<uint8_t> rsa_encrypt(EVP_PKEY* key, const std::string& plain) {
-  EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new_from_pkey(nullptr, key, nullptr);
-  EXPECT_EQ(1, EVP_PKEY_encrypt_init(ctx));
-  EXPECT_EQ(1, EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_PADDING));
-  const auto* in = reinterpret_cast<const unsigned char*>(plain.data());
-  size_t length = 0;
-  EXPECT_EQ(1, EVP_PKEY_encrypt(ctx, nullptr, &length, in, plain.size()));
-  std::vector<uint8_t> out(length);
-  EXPECT_EQ(1, EVP_PKEY_encrypt(ctx, out.data(), &length, in, plain.size()));
-  out.resize(length);
-  EVP_PKEY_CTX_free(ctx);
-  return out;
-}
-
-std::vector<uint8_t> sign_sha256(EVP_PKEY* key, const std::string& text) {
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  EXPECT_EQ(1, EVP_DigestSignInit(ctx, nullptr, EVP_sha256(), nullptr, key));
-  size_t length = 0;
-  const auto* in = reinterpret_cast<const unsigned char*>(text.data());
-  EXPECT_EQ(1, EVP_DigestSign(ctx, nullptr, &length, in, text.size()));
-  std::vector<uint8_t> out(length);
-  EXPECT_EQ(1, EVP_DigestSign(ctx, out.data(), &length, in, text.size()));
-  out.resize(length);
-  EVP_MD_CTX_free(ctx);
-  return out;
-}
-
-bool verify_sha256(EVP_PKEY* key, const std::string& text, const std::vector<uint8_t>& sig) {
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  EXPECT_EQ(1, EVP_DigestVerifyInit(ctx, nullptr, EVP_sha256(), nullptr, key));
-  const int verified =
-      EVP_DigestVerify(ctx, sig.data(), sig.size(),
-                       reinterpret_cast<const unsigned char*>(text.data()), text.size());
-  EVP_MD_CTX_free(ctx);
-  return verified == 1;
-}
-
 TEST(DownloadManifestTest, NodeKeyUnwrapsAndCloudSignatureVerifiesOverSignedText) {
-  Pkey node(EVP_RSA_gen(2048));
-  Pkey cloud(EVP_RSA_gen(2048));
+  EvpPkeyPtr node = testing::generate_rsa_key(2048);
+  EvpPkeyPtr cloud = testing::generate_rsa_key(2048);
   ASSERT_NE(node, nullptr);
   ASSERT_NE(cloud, nullptr);
   // What the CLC re-wraps: the same plaintext euca2ools wrapped, 32 ASCII hex characters.
   const std::string key_hex = "00112233445566778899aabbccddeeff";
   const std::string iv_hex = "0f0e0d0c0b0a09080706050403020100";
   Elements e;
-  e.bundle = "<bundle><encrypted-key>" + hex_encode(rsa_encrypt(node.get(), key_hex)) +
-             "</encrypted-key><encrypted-iv>" + hex_encode(rsa_encrypt(node.get(), iv_hex)) +
+  e.bundle = "<bundle><encrypted-key>" +
+             hex_encode(testing::rsa_pkcs1_encrypt(node.get(), key_hex)) +
+             "</encrypted-key><encrypted-iv>" +
+             hex_encode(testing::rsa_pkcs1_encrypt(node.get(), iv_hex)) +
              "</encrypted-iv><unbundled-size>1048576</unbundled-size></bundle>";
-  e.signature_hex = upper_hex(sign_sha256(cloud.get(), e.signed_text()));
+  e.signature_hex = upper_hex(testing::sign_sha256_rsa(cloud.get(), e.signed_text()));
 
   Result<DownloadManifest> parsed = parse_download_manifest(e.document());
   ASSERT_TRUE(parsed.ok()) << parsed.status().to_string();
-  std::optional<std::vector<uint8_t>> signature = hex_decode(parsed->signature_hex);
-  ASSERT_TRUE(signature.has_value());
-  EXPECT_TRUE(verify_sha256(cloud.get(), parsed->signed_text, *signature));
-  EXPECT_FALSE(verify_sha256(node.get(), parsed->signed_text, *signature));
+  const Certificate cloud_cert = testing::certificate_of(cloud.get());
+  const Certificate node_cert = testing::certificate_of(node.get());
+  EXPECT_TRUE(verify_download_manifest_signature(*parsed, cloud_cert).ok());
+  EXPECT_EQ(verify_download_manifest_signature(*parsed, node_cert).code(), StatusCode::kCorruption);
 
-  Result<PrivateKey> node_key = PrivateKey::from_pem(private_pem(node.get()), "node key");
+  Result<PrivateKey> node_key =
+      PrivateKey::from_pem(testing::private_key_pem(node.get()), "node key");
   ASSERT_TRUE(node_key.ok()) << node_key.status().to_string();
   Result<std::array<uint8_t, 16>> key =
       unwrap_bundle_secret(*node_key, parsed->bundle->encrypted_key_hex);
@@ -411,7 +358,31 @@ TEST(DownloadManifestTest, NodeKeyUnwrapsAndCloudSignatureVerifiesOverSignedText
   const std::string tampered = replace_once(e.document(), "centos.img.part.01", "evil.part.01");
   Result<DownloadManifest> tampered_parsed = parse_download_manifest(tampered);
   ASSERT_TRUE(tampered_parsed.ok());
-  EXPECT_FALSE(verify_sha256(cloud.get(), tampered_parsed->signed_text, *signature));
+  EXPECT_EQ(verify_download_manifest_signature(*tampered_parsed, cloud_cert).code(),
+            StatusCode::kCorruption);
+}
+
+TEST(DownloadManifestTest, SignatureCheckRefusesOtherAlgorithmsAndBadHex) {
+  EvpPkeyPtr cloud = testing::generate_rsa_key(2048);
+  ASSERT_NE(cloud, nullptr);
+  Elements e;
+  e.signature_hex = hex_encode(testing::sign_sha256_rsa(cloud.get(), e.signed_text()));
+  Result<DownloadManifest> parsed = parse_download_manifest(e.document());
+  ASSERT_TRUE(parsed.ok()) << parsed.status().to_string();
+  const Certificate cloud_cert = testing::certificate_of(cloud.get());
+  ASSERT_TRUE(verify_download_manifest_signature(*parsed, cloud_cert).ok());
+
+  DownloadManifest other_algorithm = *parsed;
+  other_algorithm.signature_algorithm = "RSA-SHA1";
+  EXPECT_EQ(verify_download_manifest_signature(other_algorithm, cloud_cert).code(),
+            StatusCode::kNotSupported);
+  DownloadManifest lower_case = *parsed;
+  lower_case.signature_algorithm = "rsa-sha256";
+  EXPECT_TRUE(verify_download_manifest_signature(lower_case, cloud_cert).ok());
+  DownloadManifest not_hex = *parsed;
+  not_hex.signature_hex = "zz";
+  EXPECT_EQ(verify_download_manifest_signature(not_hex, cloud_cert).code(),
+            StatusCode::kCorruption);
 }
 
 TEST(DownloadManifestTest, ConcurrentParsesAgree) {
