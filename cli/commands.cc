@@ -200,6 +200,17 @@ int run_info_command(const std::vector<std::string>& args) {
               << "parts:         " << import->parts.size() << "\n";
     return 0;
   }
+  if (const auto* download = std::get_if<formats::DownloadManifest>(&*manifest)) {
+    std::cout << "manifest:      " << manifest_path << " (download, " << download->version << ")\n"
+              << "file format:   " << formats::download_file_format_name(download->file_format)
+              << "\n"
+              << "image size:    "
+              << (download->bundle ? download->bundle->unbundled_size : download->image_size)
+              << "\n"
+              << "bundled size:  " << download->image_size << "\n"
+              << "parts:         " << download->parts.size() << "\n";
+    return 0;
+  }
   const formats::BundleManifest& m = std::get<formats::BundleManifest>(*manifest);
   std::cout << "manifest:      " << manifest_path << "\n"
             << "image name:    " << m.image.name << "\n"

@@ -46,7 +46,6 @@ std::string image_key_for_manifest(std::string_view manifest_key) {
 
 Result<OpenedBundle> open_bundle_stack(const BundleManifest& manifest, const PartOpener& open_part,
                                        const BundleStackOptions& options) {
-  if (options.part_pool == nullptr) return Status::InvalidArgument("no verified-part pool");
   if (options.verify_cert != nullptr) {
     if (Status s = verify_bundle_signature(manifest, *options.verify_cert); !s.ok()) {
       return s.with_context("manifest signature");
@@ -54,26 +53,86 @@ Result<OpenedBundle> open_bundle_stack(const BundleManifest& manifest, const Par
   }
   auto key_iv = unwrap_bundle_key_iv(manifest, options.keys);
   if (!key_iv.ok()) return key_iv.status();
+  auto digest = parse_sha1_hex(manifest.image.digest_hex);
+  if (!digest.ok()) return digest.status();
+  BundleLayout layout;
+  layout.key = key_iv->first;
+  layout.iv = key_iv->second;
+  for (const BundlePart& part : manifest.parts) layout.parts.push_back({part.filename, part.sha1});
+  layout.bundled_size = manifest.image.bundled_size;
+  layout.image_size = manifest.image.size;
+  layout.tar_sha1 = *digest;
+  return open_bundle_layout(layout, open_part, options);
+}
 
+Result<OpenedBundle> open_download_stack(const DownloadManifest& manifest,
+                                         const PartOpener& open_part,
+                                         const BundleStackOptions& options) {
+  if (manifest.file_format != DownloadFileFormat::kBundle || !manifest.bundle) {
+    return Status::NotSupported("download manifest of a " +
+                                std::string(download_file_format_name(manifest.file_format)) +
+                                " image; only bundles are read");
+  }
+  if (options.verify_cert != nullptr) {
+    if (Status s = verify_download_manifest_signature(manifest, *options.verify_cert); !s.ok()) {
+      return s.with_context("download manifest signature");
+    }
+  }
+  // The node's key unwraps both secrets; try every configured key.
+  BundleLayout layout;
+  Status last = Status::InvalidArgument("no --key given");
+  bool unwrapped = false;
+  for (const PrivateKey* key : options.keys) {
+    auto secret_key = unwrap_bundle_secret(*key, manifest.bundle->encrypted_key_hex);
+    auto secret_iv = unwrap_bundle_secret(*key, manifest.bundle->encrypted_iv_hex);
+    if (secret_key.ok() && secret_iv.ok()) {
+      layout.key = *secret_key;
+      layout.iv = *secret_iv;
+      unwrapped = true;
+      break;
+    }
+    last = secret_key.ok() ? secret_iv.status() : secret_key.status();
+  }
+  if (!unwrapped) {
+    return last.with_context("none of the " + std::to_string(options.keys.size()) +
+                             " keys unwraps this download manifest's key (it is wrapped for a "
+                             "node key)");
+  }
+  for (const DownloadPart& part : manifest.parts) layout.parts.push_back({part.get_url, part.sha1});
+  layout.bundled_size = manifest.image_size;
+  layout.image_size = manifest.bundle->unbundled_size;
+  return open_bundle_layout(layout, open_part, options);
+}
+
+Result<OpenedBundle> open_bundle_layout(const BundleLayout& layout, const PartOpener& open_part,
+                                        const BundleStackOptions& options) {
+  if (options.part_pool == nullptr) return Status::InvalidArgument("no verified-part pool");
   std::vector<std::unique_ptr<BlockSource>> parts;
-  parts.reserve(manifest.parts.size());
+  parts.reserve(layout.parts.size());
   uint64_t ciphertext_size = 0;
-  for (const BundlePart& part : manifest.parts) {
-    const std::string label = part.filename;
-    auto source = open_part(part.filename);
+  for (size_t i = 0; i < layout.parts.size(); ++i) {
+    const BundleLayout::Part& part = layout.parts[i];
+    // A get-url is a credential: name the part by its index then, never by its URL.
+    const std::string label =
+        part.name.find("://") == std::string::npos ? part.name : "part " + std::to_string(i);
+    auto source = open_part(part.name);
     if (!source.ok()) return source.status().with_context(label);
     auto sum = checked_add(ciphertext_size, (*source)->size());
     if (!sum) return Status::Corruption(label + ": part sizes overflow");
     ciphertext_size = *sum;
-    auto verified = open_verified_part(std::move(source).value(), part.sha1, label,
-                                       *options.part_pool);
+    if (!part.sha1) {
+      parts.push_back(std::move(source).value());
+      continue;
+    }
+    auto verified =
+        open_verified_part(std::move(source).value(), *part.sha1, label, *options.part_pool);
     if (!verified.ok()) return verified.status();
     parts.push_back(std::move(verified).value());
   }
-  if (ciphertext_size != manifest.image.bundled_size) {
+  if (ciphertext_size != layout.bundled_size) {
     return Status::Corruption("parts hold " + std::to_string(ciphertext_size) +
-                              " bytes but the manifest's bundled_size is " +
-                              std::to_string(manifest.image.bundled_size));
+                              " bytes but the manifest's bundled size is " +
+                              std::to_string(layout.bundled_size));
   }
   if (ciphertext_size == 0 || ciphertext_size % kCbcBlock != 0) {
     return Status::Corruption("bundled size " + std::to_string(ciphertext_size) +
@@ -83,22 +142,20 @@ Result<OpenedBundle> open_bundle_stack(const BundleManifest& manifest, const Par
   auto concat = open_concat(std::move(parts));
   if (!concat.ok()) return concat.status();
   CbcOptions cbc_options;
-  cbc_options.key = key_iv->first;
-  cbc_options.iv = key_iv->second;
+  cbc_options.key = layout.key;
+  cbc_options.iv = layout.iv;
   auto cbc = open_cbc(std::move(concat).value(), cbc_options);
   if (!cbc.ok()) return cbc.status();
 
   GzipOptions gzip_options;
   // The tar stream holds at least one header block and the image padded to 512.
-  auto min_tar = checked_add(manifest.image.size, kTarBlock);
+  auto min_tar = checked_add(layout.image_size, kTarBlock);
   if (!min_tar) return Status::Corruption("image size overflows");
   gzip_options.min_uncompressed_size = *min_tar;
   gzip_options.span_bytes = options.span_bytes;
   gzip_options.span_cache_bytes = options.span_cache_bytes;
-  auto digest = parse_sha1_hex(manifest.image.digest_hex);
-  if (!digest.ok()) return digest.status();
-  gzip_options.expected_sha1 = *digest;
-  gzip_options.alternate_sha1_range = std::make_pair(kTarBlock, manifest.image.size);
+  gzip_options.expected_sha1 = layout.tar_sha1;
+  gzip_options.alternate_sha1_range = std::make_pair(kTarBlock, layout.image_size);
   // Covers what follows the member: its padding, two zero blocks and the 10240-byte record.
   gzip_options.finish_tail_bytes = kTarTailBytes;
   auto gzip = open_gzip(std::move(cbc).value(), gzip_options);
@@ -107,11 +164,11 @@ Result<OpenedBundle> open_bundle_stack(const BundleManifest& manifest, const Par
 
   auto member = open_tar_member(std::move(gzip).value());
   if (!member.ok()) return member.status();
-  if ((*member)->size() != manifest.image.size) {
+  if ((*member)->size() != layout.image_size) {
     return Status::Corruption("tar member '" + (*member)->member_name() + "' holds " +
                               std::to_string((*member)->size()) +
                               " bytes but the manifest's image size is " +
-                              std::to_string(manifest.image.size));
+                              std::to_string(layout.image_size));
   }
   OpenedBundle opened;
   opened.image = std::move(member).value();

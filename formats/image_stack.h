@@ -1,6 +1,7 @@
-// image_stack: turns a bundle manifest into the chain of layers that serves its image
-// (parts -> sha1 -> concat -> cbc -> gzip -> tar member), per FORMATS.md (a) and (c).
-// Parts come through a PartOpener callback, so formats/ never includes remote/.
+// image_stack: turns a bundle manifest (or a Eucalyptus 4 download manifest of a bundle) into
+// the chain of layers that serves its image (parts -> sha1 -> concat -> cbc -> gzip -> tar
+// member), per FORMATS.md (a) and (c). Parts come through a PartOpener callback, so formats/
+// never includes remote/.
 #pragma once
 
 #include <functional>
@@ -12,14 +13,30 @@
 #include "formats/block_source.h"
 #include "formats/bundle_keys.h"
 #include "formats/bundle_manifest.h"
+#include "formats/download_manifest.h"
 #include "formats/gzip_source.h"
 #include "formats/verified_part_source.h"
 
 namespace imgfs::formats {
 
-// Opens the part named `filename` (relative to the manifest's folder) with its size known.
+// Opens a part with its size known: by its file name relative to the manifest's folder (bundle
+// manifests) or by its get-url (download manifests).
 using PartOpener =
     std::function<Result<std::unique_ptr<BlockSource>>(std::string_view filename)>;
+
+// What any bundle manifest says, once its key and IV are unwrapped.
+struct BundleLayout {
+  struct Part {
+    std::string name;                             // passed to the PartOpener
+    std::optional<std::array<uint8_t, 20>> sha1;  // the part is verified when present
+  };
+  std::array<uint8_t, 16> key{};
+  std::array<uint8_t, 16> iv{};
+  std::vector<Part> parts;
+  uint64_t bundled_size = 0;  // the sum of the part sizes
+  uint64_t image_size = 0;    // the tar member's size
+  std::optional<std::array<uint8_t, 20>> tar_sha1;  // SHA1 of the tar stream, when known
+};
 
 struct BundleStackOptions {
   std::vector<const PrivateKey*> keys;          // tried in order, ec2 then user key paths
@@ -39,6 +56,17 @@ struct OpenedBundle {
 // Corruption (sizes or signature disagree), NotFound (a part is missing), IOError.
 Result<OpenedBundle> open_bundle_stack(const BundleManifest& manifest, const PartOpener& open_part,
                                        const BundleStackOptions& options);
+
+// Opens the chain of a bundle whose layout is known. Errors as open_bundle_stack.
+Result<OpenedBundle> open_bundle_layout(const BundleLayout& layout, const PartOpener& open_part,
+                                        const BundleStackOptions& options);
+
+// The same for a Eucalyptus 4 download manifest of a bundle (key and IV wrapped for the node's
+// key, parts by get-url). With options.verify_cert the RSA-SHA256 signature must verify.
+// Errors: NotSupported (a download manifest of an import), and as open_bundle_stack.
+Result<OpenedBundle> open_download_stack(const DownloadManifest& manifest,
+                                         const PartOpener& open_part,
+                                         const BundleStackOptions& options);
 
 // The virtual file name of a manifest key: "K.manifest.xml" or "Kmanifest.xml" -> "K";
 // empty when `manifest_key` is not a manifest name.

@@ -294,6 +294,9 @@ std::string Catalog::stats_json(const std::string& extra) const {
       out += "\"object\"";
     } else if (entry.manifest && std::holds_alternative<formats::ImportManifest>(*entry.manifest)) {
       out += "\"import\"";
+    } else if (entry.manifest &&
+               std::holds_alternative<formats::DownloadManifest>(*entry.manifest)) {
+      out += "\"download\"";
     } else {
       out += "\"bundle\"";
     }

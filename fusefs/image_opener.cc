@@ -19,6 +19,9 @@ uint64_t image_size_of(const ParsedManifest& manifest) {
   if (const auto* bundle = std::get_if<formats::BundleManifest>(&manifest)) {
     return bundle->image.size;
   }
+  if (const auto* download = std::get_if<formats::DownloadManifest>(&manifest)) {
+    return download->bundle ? download->bundle->unbundled_size : 0;
+  }
   return std::get<formats::ImportManifest>(manifest).file_size();
 }
 
@@ -28,12 +31,11 @@ std::vector<std::string> part_keys_of(const std::string& manifest_key,
   if (const auto* bundle = std::get_if<formats::BundleManifest>(&manifest)) {
     const std::string folder = key_folder(manifest_key);
     for (const formats::BundlePart& part : bundle->parts) keys.push_back(folder + part.filename);
-  } else {
+  } else if (const auto* import = std::get_if<formats::ImportManifest>(&manifest)) {
     // Import manifests name their parts by key in the bucket, not beside the manifest.
-    for (const formats::ImportPart& part : std::get<formats::ImportManifest>(manifest).parts) {
-      keys.push_back(part.key);
-    }
+    for (const formats::ImportPart& part : import->parts) keys.push_back(part.key);
   }
+  // Download manifests name their parts by URL only.
   return keys;
 }
 
@@ -46,6 +48,11 @@ Result<ParsedManifest> ImageOpener::read_manifest(
   Status s = store_.read_range(manifest_object, 0,
                                std::as_writable_bytes(std::span(text.data(), text.size())));
   if (!s.ok()) return s;
+  if (formats::looks_like_download_manifest(text)) {
+    auto manifest = formats::parse_download_manifest(text);
+    if (!manifest.ok()) return manifest.status().with_context(manifest_object.key);
+    return ParsedManifest(std::move(manifest).value());
+  }
   if (formats::looks_like_import_manifest(text)) {
     auto manifest = formats::parse_import_manifest(text);
     if (!manifest.ok()) return manifest.status().with_context(manifest_object.key);
@@ -62,7 +69,21 @@ Result<OpenedImage> ImageOpener::open_manifest(const remote::ObjectInfo& manifes
   if (const auto* bundle = std::get_if<formats::BundleManifest>(&manifest)) {
     return open_bundle(manifest_object, *bundle, counters);
   }
-  return open_import(manifest_object, std::get<formats::ImportManifest>(manifest), counters);
+  if (const auto* import = std::get_if<formats::ImportManifest>(&manifest)) {
+    return open_import(manifest_object, *import, counters);
+  }
+  formats::PartOpener open_part =
+      [&](std::string_view url) -> Result<std::unique_ptr<BlockSource>> {
+    return remote::open_url_source(store_, std::string(url), "download part", counters);
+  };
+  auto bundle = formats::open_download_stack(std::get<formats::DownloadManifest>(manifest),
+                                             open_part, bundle_options());
+  if (!bundle.ok()) return bundle.status().with_context(manifest_object.key);
+  OpenedImage opened;
+  opened.gzip = bundle->gzip;
+  add_cache(std::move(bundle->image), "download:" + manifest_object.key, manifest_object.etag,
+            counters, opened);
+  return opened;
 }
 
 Result<OpenedImage> ImageOpener::open_import(const remote::ObjectInfo& manifest_object,
@@ -115,6 +136,14 @@ void ImageOpener::add_cache(std::unique_ptr<BlockSource> chain, const std::strin
   opened.source = std::move(cached);
 }
 
+formats::BundleStackOptions ImageOpener::bundle_options() const {
+  formats::BundleStackOptions options;
+  options.keys = config_.keys;
+  options.verify_cert = config_.verify_cert;
+  options.part_pool = config_.part_pool;
+  return options;
+}
+
 Result<OpenedImage> ImageOpener::open_bundle(const remote::ObjectInfo& manifest_object,
                                              const formats::BundleManifest& manifest,
                                              IoCounters* counters) const {
@@ -126,11 +155,7 @@ Result<OpenedImage> ImageOpener::open_bundle(const remote::ObjectInfo& manifest_
     return std::unique_ptr<BlockSource>(
         std::make_unique<remote::ObjectSource>(store_, std::move(info).value(), counters));
   };
-  formats::BundleStackOptions options;
-  options.keys = config_.keys;
-  options.verify_cert = config_.verify_cert;
-  options.part_pool = config_.part_pool;
-  auto bundle = formats::open_bundle_stack(manifest, open_part, options);
+  auto bundle = formats::open_bundle_stack(manifest, open_part, bundle_options());
   if (!bundle.ok()) return bundle.status().with_context(manifest_object.key);
   OpenedImage opened;
   opened.gzip = bundle->gzip;

@@ -14,6 +14,7 @@
 #include "formats/bundle_keys.h"
 #include "formats/bundle_manifest.h"
 #include "formats/image_stack.h"
+#include "formats/download_manifest.h"
 #include "formats/import_manifest.h"
 #include "formats/io_counters.h"
 #include "formats/verified_part_source.h"
@@ -29,8 +30,10 @@ struct ImageOpenerConfig {
   uint32_t cache_block_bytes = 256u << 10;
 };
 
-// A manifest object, parsed: a bundle manifest (2007-10-10) or an import manifest (2010-11-15).
-using ParsedManifest = std::variant<formats::BundleManifest, formats::ImportManifest>;
+// A manifest object, parsed: a bundle manifest (2007-10-10), an import manifest (2010-11-15) or
+// a Eucalyptus 4 download manifest (2014-01-14).
+using ParsedManifest =
+    std::variant<formats::BundleManifest, formats::ImportManifest, formats::DownloadManifest>;
 
 // The size of the raw image a manifest describes (the import's file size for imports).
 uint64_t image_size_of(const ParsedManifest& manifest);
@@ -52,10 +55,11 @@ class ImageOpener {
   ImageOpener(const remote::ObjectStore& store, ImageOpenerConfig config)
       : store_(store), config_(std::move(config)) {}
 
-  // Reads and parses a manifest object (at most 32 MiB), bundle or import. Thread-safe.
+  // Reads and parses a manifest object (at most 32 MiB), of any kind. Thread-safe.
   Result<ParsedManifest> read_manifest(const remote::ObjectInfo& manifest_object) const;
 
-  // Opens the image a parsed manifest describes (open_bundle or open_import). Thread-safe.
+  // Opens the image a parsed manifest describes (a bundle, an import, or a download manifest's
+  // bundle, whose parts are fetched by get-url). Thread-safe.
   Result<OpenedImage> open_manifest(const remote::ObjectInfo& manifest_object,
                                     const ParsedManifest& manifest, IoCounters* counters) const;
 
@@ -78,6 +82,8 @@ class ImageOpener {
   const remote::ObjectStore& store() const { return store_; }
 
  private:
+  formats::BundleStackOptions bundle_options() const;
+
   // Puts the cache on top of `chain` (when there is one) and fills opened.source/cached.
   void add_cache(std::unique_ptr<BlockSource> chain, const std::string& source_id,
                  const std::string& etag, IoCounters* counters, OpenedImage& opened) const;

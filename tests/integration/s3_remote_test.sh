@@ -48,6 +48,41 @@ timeout 60 cmp "$M/odd names/my disk+1.img" "$WORK/sp.img" || fail "key with a s
 pass "keys with spaces and plus signs"
 unmount "$M"
 
+# A Eucalyptus 4 download manifest: the bundle's key and IV wrapped again for the node's key,
+# parts by get-url, signed SHA256withRSA by the cloud key over version+file-format+bundle+image.
+make_keys node
+DL="$WORK/dlsrc"
+"$IMGFS" bundle "$WORK/odd.raw" --cert "$WORK/cloud-cert.pem" --part-size 1M -d "$DL" >/dev/null
+curl -sf -X PUT "$S3_ENDPOINT/euca-bundles" >/dev/null
+s3_put_tree euca-bundles "$DL" >/dev/null
+BM="$DL/odd.raw.manifest.xml"
+rewrap() { sed -n "s:.*<$1[^>]*>\([0-9a-f]*\)</$1>.*:\1:p" "$BM" | xxd -r -p |
+  openssl pkeyutl -decrypt -inkey "$WORK/cloud-pk.pem" -pkeyopt rsa_padding_mode:pkcs1 |
+  openssl pkeyutl -encrypt -certin -inkey "$WORK/node-cert.pem" -pkeyopt rsa_padding_mode:pkcs1 |
+  xxd -p | tr -d '\n'; }
+DPARTS="" n=0
+for f in $(cd "$DL" && ls odd.raw.part.* | sort); do
+  DPARTS+="<part index=\"$n\"><get-url>$S3_ENDPOINT/euca-bundles/$f?X-Amz-Expires=10800</get-url><digest algorithm=\"SHA1\">$(sha1sum <"$DL/$f" | cut -d' ' -f1)</digest></part>"
+  n=$((n + 1))
+done
+SIGNED="<version>2014-01-14</version><file-format>BUNDLE</file-format><bundle><encrypted-key>$(rewrap ec2_encrypted_key)</encrypted-key><encrypted-iv>$(rewrap ec2_encrypted_iv)</encrypted-iv><unbundled-size>$(stat -c %s "$WORK/odd.raw")</unbundled-size></bundle><image><size>$(cat "$DL"/odd.raw.part.* | wc -c)</size><parts count=\"$n\">$DPARTS</parts></image>"
+SIG=$(printf %s "$SIGNED" | openssl dgst -sha256 -sign "$WORK/cloud-pk.pem" | xxd -p | tr -d '\n' | tr a-f A-F)
+mkdir -p "$B/download-manifests"
+printf '<?xml version="1.0" encoding="UTF-8"?><manifest>%s<signature algorithm="RSA-SHA256">%s</signature></manifest>' \
+  "$SIGNED" "$SIG" >"$B/download-manifests/odd.raw.manifest.xml"
+MD="$WORK/mnt-download"
+mount_bucket "$B" "$MD" download --key "$WORK/node-pk.pem" --verify-cert "$WORK/cloud-cert.pem"
+timeout 60 cmp "$MD/download-manifests/odd.raw" "$WORK/odd.raw" || fail "download manifest bundle"
+unmount "$MD"
+sed -i 's:<unbundled-size>:<unbundled-size>1:' "$B/download-manifests/odd.raw.manifest.xml"
+MD2="$WORK/mnt-download2"
+mount_bucket "$B" "$MD2" download2 --key "$WORK/node-pk.pem" --verify-cert "$WORK/cloud-cert.pem"
+if timeout 30 head -c 1 "$MD2/download-manifests/odd.raw" >/dev/null 2>&1; then fail "tampered download manifest served"; fi
+grep -q "download manifest signature" "$WORK/download2.log" || fail "no signature log line"
+unmount "$MD2"
+rm -r "$B/download-manifests"
+pass "a Eucalyptus 4 download manifest opens with the node key and its signature is checked"
+
 # A prefix mount shows only that folder.
 BUCKET=$(s3_bucket_of "$B" prefix)
 MP="$WORK/mnt-prefix"
