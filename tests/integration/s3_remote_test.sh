@@ -111,6 +111,33 @@ grep -q "changed since it was opened" "$WORK/changed.log" || fail "no log line f
 unmount "$MC"
 pass "an object changed under a mounted image gives EIO and a log line"
 
+# TLS: an HTTPS endpoint (our proxy with a certificate for 127.0.0.1) is verified by default;
+# --ca-file trusts it, --insecure skips the check (with a warning in the log).
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 \
+  -addext "subjectAltName=IP:127.0.0.1" -keyout "$WORK/tls-key.pem" -out "$WORK/tls-cert.pem" 2>/dev/null
+fault_start "$S3_ENDPOINT" "$WORK/tls-cert.pem" "$WORK/tls-key.pem" >/dev/null
+TLS_ENDPOINT=$FAULT_ENDPOINT
+MT="$WORK/mnt-tls"
+mkdir -p "$MT"
+if "$IMGFS" mount "s3://$BUCKET" "$MT" --endpoint "$TLS_ENDPOINT" --retries 1 --timeout 5 \
+  --cache-dir "$WORK/cache-tls0" --log-file "$WORK/tls0.log" 2>"$WORK/tls0.err"; then
+  MOUNTS+=("$MT")
+  fail "an untrusted TLS certificate was accepted"
+fi
+"$IMGFS" mount "s3://$BUCKET" "$MT" --endpoint "$TLS_ENDPOINT" --ca-file "$WORK/tls-cert.pem" \
+  --cache-dir "$WORK/cache-tls1" --log-file "$WORK/tls1.log" || fail "mount with --ca-file"
+MOUNTS+=("$MT")
+timeout 60 cmp "$MT/imports/7c1e0000-bbbb/odd.raw" "$WORK/odd.raw" || fail "read over TLS"
+unmount "$MT"
+"$IMGFS" mount "s3://$BUCKET" "$MT" --endpoint "$TLS_ENDPOINT" --insecure \
+  --cache-dir "$WORK/cache-tls2" --log-file "$WORK/tls2.log" || fail "mount with --insecure"
+MOUNTS+=("$MT")
+[ -e "$MT/imports/7c1e0000-bbbb/odd.raw" ] || fail "listing with --insecure"
+grep -q "insecure" "$WORK/tls2.log" || fail "no warning for --insecure"
+unmount "$MT"
+fault_stop "$FAULT_PID" >/dev/null
+pass "TLS is verified by default; --ca-file trusts a CA; --insecure warns"
+
 # Faults, through our proxy in front of s3rver: each mode on a fresh mount (empty cache).
 fault_start "$S3_ENDPOINT" >/dev/null
 PROXY=$FAULT_ENDPOINT

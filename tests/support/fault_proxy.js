@@ -25,6 +25,7 @@
 // left fires. Everything stays on loopback: a non-loopback target is refused.
 'use strict';
 
+const fs = require('fs');
 const http = require('http');
 
 const kModes = ['503', '500', 'reset', 'short', 'delay', 'down'];
@@ -45,8 +46,15 @@ function parseArguments(argv) {
     } else if (argv[i] === '--port' && value !== undefined) {
       options.port = Number(value);
       i++;
+    } else if (argv[i] === '--tls-cert' && value !== undefined) {
+      options.tlsCert = value;
+      i++;
+    } else if (argv[i] === '--tls-key' && value !== undefined) {
+      options.tlsKey = value;
+      i++;
     } else {
-      fail(`unknown argument '${argv[i]}' (usage: --target http://127.0.0.1:PORT [--port N])`);
+      fail(`unknown argument '${argv[i]}' (usage: --target http://127.0.0.1:PORT [--port N] ` +
+           '[--tls-cert PEM --tls-key PEM])');
     }
   }
   if (options.target === null) fail('--target is required');
@@ -61,10 +69,13 @@ function parseArguments(argv) {
   if (!Number.isInteger(options.port) || options.port < 0 || options.port > 65535) {
     fail('--port must be an integer from 0 to 65535');
   }
-  return { target, port: options.port };
+  if ((options.tlsCert === undefined) !== (options.tlsKey === undefined)) {
+    fail('--tls-cert and --tls-key go together');
+  }
+  return { target, port: options.port, tlsCert: options.tlsCert, tlsKey: options.tlsKey };
 }
 
-const { target, port: listenPort } = parseArguments(process.argv.slice(2));
+const { target, port: listenPort, tlsCert, tlsKey } = parseArguments(process.argv.slice(2));
 const upstreamAgent = new http.Agent({ keepAlive: true });
 
 let rules = [];
@@ -275,7 +286,11 @@ function handleRequest(req, res) {
   }
 }
 
-const server = http.createServer(handleRequest);
+// With --tls-cert/--tls-key the proxy speaks HTTPS to its clients (to test TLS verification).
+const server = tlsCert === undefined
+  ? http.createServer(handleRequest)
+  : require('https').createServer(
+      { cert: fs.readFileSync(tlsCert), key: fs.readFileSync(tlsKey) }, handleRequest);
 const sockets = new Set();
 server.on('connection', (socket) => {
   sockets.add(socket);

@@ -11,7 +11,8 @@
 #   s3_put BUCKET KEY FILE                 upload FILE as KEY (any bytes; encoded per segment)
 #   s3_put_tree BUCKET DIR [PREFIX]        upload every file under DIR, key = PREFIX/relative path
 #   s3_url BUCKET [KEY]                    print the path-style URL of a bucket or object
-#   fault_start TARGET                     start a fault proxy in front of TARGET (an endpoint URL);
+#   fault_start TARGET [CERT KEY]          start a fault proxy in front of TARGET (an endpoint URL),
+#                                          speaking HTTPS with CERT/KEY when given;
 #                                          exports FAULT_ENDPOINT, FAULT_PORT, FAULT_PID for the
 #                                          newest one; several may run (e.g. two for failover)
 #   fault_arm MODE COUNT MATCH [PROXY]     arm a rule (MODE: 503, 500, reset, short, delay=MS, down;
@@ -276,10 +277,15 @@ _s3h_put_batch() {
 }
 
 fault_start() {
-  (($# == 1)) || _s3h_die "usage: fault_start TARGET_ENDPOINT" || return
-  local log
+  (($# == 1 || $# == 3)) || _s3h_die "usage: fault_start TARGET_ENDPOINT [TLS_CERT TLS_KEY]" || return
+  local log scheme=http
+  local tls=()
+  if (($# == 3)); then
+    tls=(--tls-cert "$2" --tls-key "$3")
+    scheme=https
+  fi
   log="$(mktemp "${TMPDIR:-/tmp}/fault_proxy.XXXXXX")" || return
-  node "$S3H_PROXY_JS" --target "$1" >"$log" 2>&1 </dev/null &
+  node "$S3H_PROXY_JS" --target "$1" "${tls[@]}" >"$log" 2>&1 </dev/null &
   local pid=$!
   _s3h_fault_pids+=("$pid")
   s3_add_cleanup "_s3h_stop_pid $pid; rm -f '$log'"
@@ -290,7 +296,7 @@ fault_start() {
     _s3h_stop_pid "$pid"
     return 1
   fi
-  export FAULT_PID="$pid" FAULT_PORT="$port" FAULT_ENDPOINT="http://127.0.0.1:$port"
+  export FAULT_PID="$pid" FAULT_PORT="$port" FAULT_ENDPOINT="$scheme://127.0.0.1:$port"
 }
 
 fault_stop() {
