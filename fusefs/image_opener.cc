@@ -76,14 +76,9 @@ Result<OpenedImage> ImageOpener::open_manifest(const remote::ObjectInfo& manifes
       [&](std::string_view url) -> Result<std::unique_ptr<BlockSource>> {
     return remote::open_url_source(store_, std::string(url), "download part", counters);
   };
-  auto bundle = formats::open_download_stack(std::get<formats::DownloadManifest>(manifest),
-                                             open_part, bundle_options());
-  if (!bundle.ok()) return bundle.status().with_context(manifest_object.key);
-  OpenedImage opened;
-  opened.gzip = bundle->gzip;
-  add_cache(std::move(bundle->image), "download:" + manifest_object.key, manifest_object.etag,
-            counters, opened);
-  return opened;
+  return cache_bundle(formats::open_download_stack(std::get<formats::DownloadManifest>(manifest),
+                                                   open_part, bundle_options()),
+                      "download:", manifest_object, counters);
 }
 
 Result<OpenedImage> ImageOpener::open_import(const remote::ObjectInfo& manifest_object,
@@ -155,12 +150,19 @@ Result<OpenedImage> ImageOpener::open_bundle(const remote::ObjectInfo& manifest_
     return std::unique_ptr<BlockSource>(
         std::make_unique<remote::ObjectSource>(store_, std::move(info).value(), counters));
   };
-  auto bundle = formats::open_bundle_stack(manifest, open_part, bundle_options());
+  return cache_bundle(formats::open_bundle_stack(manifest, open_part, bundle_options()), "bundle:",
+                      manifest_object, counters);
+}
+
+Result<OpenedImage> ImageOpener::cache_bundle(Result<formats::OpenedBundle> bundle,
+                                              const std::string& kind,
+                                              const remote::ObjectInfo& manifest_object,
+                                              IoCounters* counters) const {
   if (!bundle.ok()) return bundle.status().with_context(manifest_object.key);
   OpenedImage opened;
   opened.gzip = bundle->gzip;
-  add_cache(std::move(bundle->image), "bundle:" + manifest_object.key, manifest_object.etag,
-            counters, opened);
+  add_cache(std::move(bundle->image), kind + manifest_object.key, manifest_object.etag, counters,
+            opened);
   return opened;
 }
 

@@ -84,6 +84,12 @@ class ImageOpener {
  private:
   formats::BundleStackOptions bundle_options() const;
 
+  // Puts the cache on an opened bundle chain; `kind` ("bundle:", "download:") starts its cache
+  // identity. Errors are named by the manifest's key.
+  Result<OpenedImage> cache_bundle(Result<formats::OpenedBundle> bundle, const std::string& kind,
+                                   const remote::ObjectInfo& manifest_object,
+                                   IoCounters* counters) const;
+
   // Puts the cache on top of `chain` (when there is one) and fills opened.source/cached.
   void add_cache(std::unique_ptr<BlockSource> chain, const std::string& source_id,
                  const std::string& etag, IoCounters* counters, OpenedImage& opened) const;
