@@ -83,6 +83,21 @@ unmount "$MD2"
 rm -r "$B/download-manifests"
 pass "a Eucalyptus 4 download manifest opens with the node key and its signature is checked"
 
+# The listing is kept for --list-ttl, then taken again: a new object appears, a removed one goes.
+ML="$WORK/mnt-ttl"
+mount_bucket "$B" "$ML" ttl --list-ttl 1
+TTL_BUCKET=$(sed -n 's:.*mounted s3\://\([^ ]*\) via.*:\1:p' "$WORK/ttl.log")
+[ ! -e "$ML/late/new.txt" ] || fail "object present before upload"
+echo "late object" >"$WORK/new.txt"
+s3_put "$TTL_BUCKET" "late/new.txt" "$WORK/new.txt" >/dev/null
+curl -sf -X DELETE "$S3_ENDPOINT/$TTL_BUCKET/many/object-7" >/dev/null
+sleep 2
+ls "$ML" >/dev/null
+[ "$(cat "$ML/late/new.txt" 2>/dev/null)" = "late object" ] || fail "new object not listed after the TTL"
+[ ! -e "$ML/many/object-7" ] || fail "deleted object still listed after the TTL"
+unmount "$ML"
+pass "the listing is taken again after --list-ttl"
+
 # A prefix mount shows only that folder.
 BUCKET=$(s3_bucket_of "$B" prefix)
 MP="$WORK/mnt-prefix"
