@@ -58,6 +58,15 @@ void guarded(fuse_req_t req, const char* op, Body&& body) {
   }
 }
 
+// Large requests: libfuse derives max_pages from max_write (1 MiB = 256 pages), which lets
+// direct_io readers send 1 MiB reads; the page cache's readahead is raised per mount (bdi).
+constexpr unsigned kMaxRequestBytes = 1u << 20;
+
+void op_init(void* userdata, fuse_conn_info* conn) {
+  conn->max_write = kMaxRequestBytes;
+  conn->max_readahead = kMaxRequestBytes;
+}
+
 void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
   guarded(req, "lookup", [&] {
     Catalog& catalog = context(req).catalog;
@@ -152,6 +161,8 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
       if (source.ok()) {
         handle->source = std::move(source).value();
         fi->keep_cache = 1;  // images are immutable while mounted
+        // A hypervisor that opens with O_DIRECT gets direct I/O: no double caching.
+        if ((fi->flags & O_DIRECT) != 0) fi->direct_io = 1;
       } else {
         fi->direct_io = 1;
       }
@@ -229,6 +240,7 @@ void reply_erofs(fuse_req_t req) { fuse_reply_err(req, EROFS); }
 const fuse_lowlevel_ops& imgfs_fuse_operations() {
   static const fuse_lowlevel_ops ops = [] {
     fuse_lowlevel_ops o{};
+    o.init = op_init;
     o.lookup = op_lookup;
     o.getattr = op_getattr;
     o.readdir = op_readdir;

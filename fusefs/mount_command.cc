@@ -11,8 +11,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <memory>
+#include <sstream>
 
 #include "cache/block_store.h"
 #include "formats/bundle_keys.h"
@@ -48,6 +50,45 @@ int lock_cache_dir(const std::string& dir, std::string& error) {
     return -1;
   }
   return fd;
+}
+
+// The "major:minor" of the filesystem mounted last on `mountpoint`, from /proc/self/mountinfo.
+// (A stat() of the mount point would wait for this very process to answer FUSE requests.)
+std::string mounted_device(const std::string& mountpoint) {
+  std::string escaped;
+  for (char c : mountpoint) {
+    if (c == ' ' || c == '\t' || c == '\n' || c == '\\') {
+      char octal[8];
+      std::snprintf(octal, sizeof octal, "\\%03o", static_cast<unsigned char>(c));
+      escaped += octal;
+    } else {
+      escaped += c;
+    }
+  }
+  std::ifstream mountinfo("/proc/self/mountinfo");
+  std::string line;
+  std::string device;
+  while (std::getline(mountinfo, line)) {
+    std::istringstream fields(line);
+    std::string id, parent, dev, root, point;
+    if (fields >> id >> parent >> dev >> root >> point && point == escaped) device = dev;
+  }
+  return device;
+}
+
+// Raises the mount's readahead (its bdi's read_ahead_kb): the kernel's default of 128 KiB
+// caps page-cache reads of a FUSE file at 128 KiB requests, and `init` cannot raise it.
+// Only root may write it; a failure is logged and the mount goes on.
+void raise_readahead(const std::string& mountpoint, uint32_t kib, Logger& log) {
+  const std::string device = mounted_device(mountpoint);
+  if (device.empty()) return;
+  const std::string path = "/sys/class/bdi/" + device + "/read_ahead_kb";
+  FILE* file = std::fopen(path.c_str(), "w");
+  if (file == nullptr || std::fprintf(file, "%u\n", kib) < 0 || std::fclose(file) != 0) {
+    log.info("could not raise readahead (" + path + "): " + std::strerror(errno));
+    return;
+  }
+  log.info("readahead of " + mountpoint + " set to " + std::to_string(kib) + " KiB");
 }
 
 std::string absolute_path(const std::string& path) {
@@ -129,6 +170,7 @@ int run_mount_command(const std::vector<std::string>& args) {
     fuse_session_destroy(session);
     return fail("cannot mount on " + options.mountpoint);
   }
+  raise_readahead(absolute_path(options.mountpoint), options.readahead_kib, log);
   log.info("mounted " + store->store->describe() + " on " + options.mountpoint +
            (store->credential_source.empty() ? "" : " (keys from " + store->credential_source + ")"));
   // The launching process exits 0 here, once the mount is ready; the child serves.

@@ -126,6 +126,13 @@ Result<MountOptions> parse_mount_options(const std::vector<std::string>& args) {
       if (arg == "--credentials") options.credentials_file = *text;
       if (arg == "--profile") options.profile = *text;
       if (arg == "--ca-file") options.ca_file = *text;
+    } else if (arg == "--readahead") {
+      uint64_t bytes = 0;
+      status = size_value(bytes);
+      if (status.ok() && (bytes < 4096 || bytes > (256u << 20))) {
+        status = Status::InvalidArgument("--readahead must be from 4K to 256M");
+      }
+      options.readahead_kib = static_cast<uint32_t>(bytes >> 10);
     } else if (arg == "--list-ttl" || arg == "--timeout" || arg == "--retries" ||
                arg == "--max-connections") {
       auto text = value();

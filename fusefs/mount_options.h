@@ -14,6 +14,7 @@ struct MountOptions {
   std::string source;      // a directory path, file:///path or s3://BUCKET[/PREFIX]
   std::string mountpoint;
   uint32_t list_ttl_seconds = 60;           // --list-ttl: how long a listing is kept
+  uint32_t readahead_kib = 4096;            // --readahead: the mount's page-cache readahead
 
   // S3 (for s3:// sources).
   std::vector<std::string> endpoints;       // --endpoint, repeatable: failover order
