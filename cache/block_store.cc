@@ -11,6 +11,9 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
+#include <optional>
+#include <string_view>
 #include <system_error>
 #include <vector>
 
@@ -117,9 +120,8 @@ std::string file_name(const BlockKey& key) {
   return file_name_prefix(key.source_id, key.etag) + std::to_string(key.index);
 }
 
-// Names open() may delete: block files ("<16 hex>-<digits>") and temp files.
-bool is_our_file_name(std::string_view name) {
-  if (name.starts_with(kTempPrefix)) return true;
+// Block file names: "<16 hex>-<digits>", as file_name() makes them.
+bool is_block_name(std::string_view name) {
   if (name.size() < 18 || name[16] != '-') return false;
   const auto is_hex = [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); };
   const auto is_digit = [](char c) { return c >= '0' && c <= '9'; };
@@ -146,22 +148,6 @@ Status make_private_dir(const std::string& path) {
     return Status::IOError("chmod 0700 " + path + ": " + errno_text(errno));
   }
   return Status::OK();
-}
-
-Status remove_our_files(const std::string& dir) {
-  DIR* listing = ::opendir(dir.c_str());
-  if (listing == nullptr) return Status::IOError("opendir " + dir + ": " + errno_text(errno));
-  const int dir_fd = ::dirfd(listing);
-  Status status;
-  while (const struct dirent* entry = ::readdir(listing)) {
-    if (!is_our_file_name(entry->d_name)) continue;
-    if (::unlinkat(dir_fd, entry->d_name, 0) != 0 && errno != ENOENT) {
-      status = Status::IOError("unlink " + dir + "/" + entry->d_name + ": " + errno_text(errno));
-      break;
-    }
-  }
-  ::closedir(listing);
-  return status;
 }
 
 struct FdCloser {
@@ -214,8 +200,73 @@ Result<std::unique_ptr<BlockStore>> BlockStore::open(std::string dir, uint64_t c
   std::free(resolved);
   std::string blocks_dir = (dir == "/" ? "" : dir) + "/" + std::string(kBlocksSubdir);
   if (Status s = make_private_dir(blocks_dir); !s.ok()) return s;
-  if (Status s = remove_our_files(blocks_dir); !s.ok()) return s;
-  return std::unique_ptr<BlockStore>(new BlockStore(std::move(blocks_dir), capacity_bytes));
+  std::unique_ptr<BlockStore> store(new BlockStore(std::move(blocks_dir), capacity_bytes));
+  if (Status s = store->load_index(); !s.ok()) return s;
+  return store;
+}
+
+Status BlockStore::load_index() {
+  struct Found {
+    struct timespec mtime;
+    std::string name;
+    uint64_t bytes;
+  };
+  std::vector<Found> found;
+  DIR* listing = ::opendir(blocks_dir_.c_str());
+  if (listing == nullptr) {
+    return Status::IOError("opendir " + blocks_dir_ + ": " + errno_text(errno));
+  }
+  const int dir_fd = ::dirfd(listing);
+  Status status;
+  for (;;) {
+    errno = 0;  // readdir reports its errors only through errno
+    const struct dirent* entry = ::readdir(listing);
+    if (entry == nullptr) {
+      if (errno != 0) status = Status::IOError("readdir " + blocks_dir_ + ": " + errno_text(errno));
+      break;
+    }
+    const std::string_view name = entry->d_name;
+    if (name.starts_with(kTempPrefix)) {
+      // A put cut short by a crash: its block was never renamed into place.
+      if (::unlinkat(dir_fd, entry->d_name, 0) != 0 && errno != ENOENT) {
+        status = Status::IOError("unlink " + blocks_dir_ + "/" + entry->d_name + ": " +
+                                 errno_text(errno));
+        break;
+      }
+    } else if (is_block_name(name)) {
+      struct stat st;
+      if (::fstatat(dir_fd, entry->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
+        if (errno == ENOENT) continue;
+        status = Status::IOError("stat " + blocks_dir_ + "/" + entry->d_name + ": " +
+                                 errno_text(errno));
+        break;
+      }
+      // Only regular files are blocks; get() opens with O_NOFOLLOW and misses anything else.
+      if (S_ISREG(st.st_mode)) {
+        found.push_back(Found{st.st_mtim, std::string(name), static_cast<uint64_t>(st.st_size)});
+      }
+    }
+  }
+  ::closedir(listing);
+  if (!status.ok()) return status;
+
+  // Oldest first, so the last inserted (newest mtime) is the most recent. Ties (coarse
+  // timestamps) break by name: an arbitrary but stable order.
+  std::sort(found.begin(), found.end(), [](const Found& a, const Found& b) {
+    if (a.mtime.tv_sec != b.mtime.tv_sec) return a.mtime.tv_sec < b.mtime.tv_sec;
+    if (a.mtime.tv_nsec != b.mtime.tv_nsec) return a.mtime.tv_nsec < b.mtime.tv_nsec;
+    return a.name < b.name;
+  });
+  std::lock_guard<std::mutex> lock(mu_);
+  for (Found& file : found) index_.insert(std::move(file.name), file.bytes);
+  if (index_.total_bytes() > capacity_bytes_) evict_locked(low_watermark_bytes());
+  return Status::OK();
+}
+
+void BlockStore::evict_locked(uint64_t limit_bytes) {
+  for (const std::string& victim : index_.evict_until(limit_bytes)) {
+    ::unlink((blocks_dir_ + "/" + victim).c_str());
+  }
 }
 
 uint64_t BlockStore::file_bytes(const BlockKey& key, uint64_t data_bytes) {
@@ -248,6 +299,10 @@ Result<bool> BlockStore::get(const BlockKey& key, std::span<std::byte> out) {
     drop_locked(name, st.st_dev, st.st_ino);
     return false;
   }
+  // Records the use for the LRU order of the next open. Best effort: a failure only makes the
+  // block look older after a restart.
+  const struct timespec times[2] = {{0, UTIME_OMIT}, {0, UTIME_NOW}};
+  (void)::futimens(file.fd, times);
   return true;
 }
 
@@ -279,11 +334,13 @@ Status BlockStore::put(const BlockKey& key, std::span<const std::byte> data) {
     if (*needed > capacity_bytes_ || reserved_bytes_ > capacity_bytes_ - *needed) {
       return Status::OK();
     }
-    for (const std::string& victim :
-         index_.evict_until(capacity_bytes_ - reserved_bytes_ - *needed)) {
-      ::unlink((blocks_dir_ + "/" + victim).c_str());
+    // Cannot overflow: reserved_bytes_ + *needed <= capacity_bytes_ was checked above.
+    const uint64_t in_flight = reserved_bytes_ + *needed;
+    if (index_.total_bytes() > capacity_bytes_ - in_flight) {
+      const uint64_t low = low_watermark_bytes();
+      evict_locked(in_flight <= low ? low - in_flight : capacity_bytes_ - in_flight);
     }
-    reserved_bytes_ += *needed;
+    reserved_bytes_ = in_flight;
     temp_path =
         blocks_dir_ + "/" + std::string(kTempPrefix) + name + "-" + std::to_string(next_temp_id_++);
   }
