@@ -2,12 +2,15 @@
 // zlib examples/zran.c). Turns gzip header bytes into the offset of the deflate data, keeps the
 // last 32 KiB of output as a sliding window, and packs a checkpoint's window with deflate level 1
 // (images are mostly zeros, so a 32 KiB window usually packs to a few hundred bytes).
+// Also turns a checkpoint index into bytes for a file and back (serialize_gzip_index,
+// parse_gzip_index), so a later open resumes from checkpoints instead of inflating from the start.
 // No I/O and no locks here: gzip_source does the reading and the threading.
 #pragma once
 
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -58,6 +61,49 @@ Result<std::vector<std::byte>> pack_window(std::span<const std::byte> window);
 // Unpacks `checkpoint`'s window into out, which must be exactly window_bytes long.
 // Errors: Corruption when the packed bytes do not unpack to exactly window_bytes.
 Status unpack_window(const GzipCheckpoint& checkpoint, std::span<std::byte> out);
+
+// A checkpoint index as it is saved and loaded: everything a GzipSource needs to read any span
+// at once. Span i is the output [checkpoints[i].out_offset, checkpoints[i + 1].out_offset), the
+// last span ends at uncompressed_size. Invariants (checked by validate_gzip_index):
+// checkpoints[0] is the first member start (out 0, no bits, no window); in_offset strictly
+// increases and out_offset never decreases (an empty member gives an empty span); every offset is
+// within the sizes; span_crcs holds one CRC32 per complete span: all of them when complete,
+// all but the last (still being inflated) otherwise.
+struct GzipIndexSnapshot {
+  uint64_t compressed_size = 0;
+  uint64_t uncompressed_size = 0;
+  // The whole stream was inflated and every check passed (member CRC32s and ISIZEs, the total
+  // size, and the SHA1 in `sha1` when it is set). Only a complete snapshot is verified.
+  bool verified = false;
+  // The SHA1 of the whole output that the verification matched, when one was expected.
+  std::optional<std::array<uint8_t, 20>> sha1;
+  std::vector<GzipCheckpoint> checkpoints;
+  std::vector<uint32_t> span_crcs;
+
+  bool complete() const { return !checkpoints.empty() && span_crcs.size() == checkpoints.size(); }
+};
+
+// A loaded span longer than this is refused: re-inflating it would need too much memory. The
+// frontier cuts spans near span_bytes (at most one deflate block, a few MiB, later).
+inline constexpr uint64_t kGzipMaxIndexSpanBytes = uint64_t{1} << 30;
+
+// Checks the invariants above, that packed windows are no longer than zlib's bound for their
+// window, and that a verified snapshot is complete.
+// Errors: Corruption naming the first bad field. Pure function.
+Status validate_gzip_index(const GzipIndexSnapshot& index);
+
+// The on-disk form: magic "IMGFSGZI", version, flags, sizes, SHA1, counts, checkpoint records
+// (windows stay packed), span CRC32s, then a SHA-256 over everything before it. Little-endian.
+// Pure function; the snapshot should satisfy validate_gzip_index (else parsing it fails).
+std::vector<std::byte> serialize_gzip_index(const GzipIndexSnapshot& index);
+
+// Parses bytes from serialize_gzip_index, treating them as untrusted: the checksum, magic,
+// version, flags, every count and offset, and the sizes against the stream being opened.
+// Errors: Corruption for anything wrong (the caller ignores the file and builds a new index).
+// Pure function.
+Result<GzipIndexSnapshot> parse_gzip_index(std::span<const std::byte> bytes,
+                                           uint64_t expected_compressed_size,
+                                           uint64_t expected_uncompressed_size);
 
 // The last kGzipWindowBytes bytes written: the dictionary a checkpoint needs. Not thread-safe.
 class SlidingWindow {

@@ -16,6 +16,8 @@ namespace imgfs::formats {
 
 namespace {
 
+// Cache and decoding keys of spans from a loaded partial index, apart from the frontier's.
+constexpr size_t kLoadedSpanKey = size_t{1} << (sizeof(size_t) * 8 - 1);
 // Compressed bytes asked of lower per read: small enough that a first 4 KiB read stays cheap.
 constexpr uint64_t kInputChunkBytes = 64 * 1024;
 // First guess at a member header's length; grown while the header is incomplete.
@@ -211,19 +213,60 @@ Result<std::unique_ptr<GzipSource>> open_gzip(std::unique_ptr<BlockSource> lower
 
   GzipCheckpoint first;
   first.in_offset = *header_length;
-  return std::unique_ptr<GzipSource>(
-      new GzipSource(std::move(lower), options, size, std::move(frontier), std::move(first)));
+
+  // A given index is used only when it describes this stream; otherwise it is ignored and the
+  // index is built again, as if none was given.
+  std::shared_ptr<const GzipIndexSnapshot> index = options.initial_index;
+  if (index != nullptr && (index->compressed_size != lower_size ||
+                           index->uncompressed_size != size || !validate_gzip_index(*index).ok() ||
+                           index->checkpoints.front().in_offset != first.in_offset)) {
+    index.reset();
+  }
+  // Verified for these options: a SHA1 the caller expects must be the one the index matched.
+  const bool verified = index != nullptr && index->verified &&
+                        (!options.expected_sha1 || index->sha1 == options.expected_sha1);
+  if (verified) frontier->state = GzipSource::Frontier::State::kDone;
+  GzipOptions kept = options;
+  kept.initial_index.reset();  // the source copies what it needs
+  return std::unique_ptr<GzipSource>(new GzipSource(
+      std::move(lower), kept, size, std::move(frontier), std::move(first), index.get(), verified));
 }
 
 GzipSource::GzipSource(std::unique_ptr<BlockSource> lower, const GzipOptions& options,
-                       uint64_t size, std::unique_ptr<Frontier> frontier, GzipCheckpoint first)
+                       uint64_t size, std::unique_ptr<Frontier> frontier, GzipCheckpoint first,
+                       const GzipIndexSnapshot* index, bool verified)
     : lower_(std::move(lower)),
       options_(options),
       size_(size),
       lower_size_(lower_->size()),
-      frontier_(std::move(frontier)) {
+      frontier_(std::move(frontier)),
+      used_initial_index_(index != nullptr) {
+  if (verified) {
+    // Every span is known and the whole stream checked out: the frontier is never needed.
+    checkpoints_.assign(index->checkpoints.begin(), index->checkpoints.end());
+    span_crcs_.assign(index->span_crcs.begin(), index->span_crcs.end());
+    for (const GzipCheckpoint& checkpoint : checkpoints_) {
+      window_bytes_ += checkpoint.packed_window.size();
+    }
+    published_out_ = size_;
+    frontier_->published = size_;
+    done_ = true;
+    verified_sha1_ = index->sha1;
+    return;
+  }
   building_ = frontier_->span;
   checkpoints_.push_back(std::move(first));
+  if (index != nullptr) {
+    // The spans with a CRC32 (all but the last when incomplete) serve reads ahead of the frontier,
+    // which still starts from the beginning to check the stream's CRC32s, ISIZEs and SHA1.
+    const size_t spans = index->span_crcs.size();
+    loaded_checkpoints_ = index->checkpoints;
+    loaded_crcs_ = index->span_crcs;
+    loaded_end_ = spans == index->checkpoints.size() ? size_ : index->checkpoints[spans].out_offset;
+    for (const GzipCheckpoint& checkpoint : loaded_checkpoints_) {
+      window_bytes_ += checkpoint.packed_window.size();
+    }
+  }
 }
 
 GzipSource::~GzipSource() = default;
@@ -260,45 +303,29 @@ Result<uint64_t> GzipSource::read_some(uint64_t pos, uint64_t end, std::span<std
         copy_from_pieces(pieces, pos - span_start, dst.first(n));
         return n;
       }
-      const uint64_t span_end =
-          index + 1 < checkpoints_.size() ? checkpoints_[index + 1].out_offset : size_;
-      const uint64_t n = std::min(end, span_end) - pos;
-      std::shared_ptr<const Span> span = cache_lookup_locked(index);
-      if (span == nullptr) {
-        if (decoding_.contains(index)) {
-          cv_.wait(lock);
-          continue;
-        }
-        decoding_.insert(index);
-        const GzipCheckpoint& checkpoint = checkpoints_[index];  // deque: stable, never changed
-        const uint64_t in_bound =
-            index + 1 < checkpoints_.size() ? checkpoints_[index + 1].in_offset : lower_size_;
-        const uint32_t span_crc = span_crcs_[index];
-        lock.unlock();
-        std::optional<Result<std::shared_ptr<const Span>>> decoded;
-        {
-          ScopeExit finish([&] {
-            std::lock_guard relock(mu_);
-            decoding_.erase(index);
-            // Cache before waking the waiters, so they find the span instead of decoding again.
-            if (decoded && decoded->ok()) {
-              cache_insert_locked(index, **decoded, (**decoded)->pieces.size() * kPieceBytes);
-            }
-            cv_.notify_all();
-          });
-          decoded = decode_span(checkpoint, span_end - span_start, in_bound, span_crc);
-        }
-        if (!decoded->ok()) return decoded->status();
-        span = **decoded;
-        lock.lock();
-        if (!failed_.ok()) return failed_;
-      }
-      lock.unlock();
-      std::vector<const std::byte*> pieces;
-      for (const auto& piece : span->pieces) pieces.push_back(piece.get());
-      copy_from_pieces(std::span(pieces).subspan((pos - span_start) / kPieceBytes),
-                       pos - span_start, dst.first(n));
-      return n;
+      const bool last = index + 1 == checkpoints_.size();
+      const SpanRef ref{index, &checkpoints_[index],
+                        last ? size_ : checkpoints_[index + 1].out_offset,
+                        last ? lower_size_ : checkpoints_[index + 1].in_offset, span_crcs_[index]};
+      Result<uint64_t> copied = copy_from_span(lock, ref, pos, end, dst);
+      if (!copied.ok() || *copied != 0) return copied;
+      continue;
+    }
+    // Ahead of the frontier, a loaded index serves the read at once, except near the end: there
+    // the frontier must run so the end-of-stream checks pass before the last bytes are served.
+    if (pos < loaded_end_ && size_ - end > options_.finish_tail_bytes) {
+      const auto it =
+          std::upper_bound(loaded_checkpoints_.begin(), loaded_checkpoints_.end(), pos,
+                           [](uint64_t p, const GzipCheckpoint& c) { return p < c.out_offset; });
+      const size_t index = static_cast<size_t>(it - loaded_checkpoints_.begin()) - 1;
+      const bool last = index + 1 == loaded_checkpoints_.size();
+      const SpanRef ref{kLoadedSpanKey | index, &loaded_checkpoints_[index],
+                        last ? size_ : loaded_checkpoints_[index + 1].out_offset,
+                        last ? lower_size_ : loaded_checkpoints_[index + 1].in_offset,
+                        loaded_crcs_[index]};
+      Result<uint64_t> copied = copy_from_span(lock, ref, pos, end, dst);
+      if (!copied.ok() || *copied != 0) return copied;
+      continue;
     }
     if (advancing_) {
       cv_.wait(lock);
@@ -318,6 +345,46 @@ Result<uint64_t> GzipSource::read_some(uint64_t pos, uint64_t end, std::span<std
     if (!advanced.ok()) return advanced;
     lock.lock();
   }
+}
+
+Result<uint64_t> GzipSource::copy_from_span(std::unique_lock<std::mutex>& lock, const SpanRef& ref,
+                                            uint64_t pos, uint64_t end,
+                                            std::span<std::byte> dst) const {
+  const uint64_t span_start = ref.checkpoint->out_offset;
+  const uint64_t n = std::min(end, ref.end) - pos;
+  std::shared_ptr<const Span> span = cache_lookup_locked(ref.key);
+  if (span == nullptr) {
+    if (decoding_.contains(ref.key)) {
+      cv_.wait(lock);
+      return uint64_t{0};
+    }
+    decoding_.insert(ref.key);
+    lock.unlock();
+    std::optional<Result<std::shared_ptr<const Span>>> decoded;
+    {
+      ScopeExit finish([&] {
+        std::lock_guard relock(mu_);
+        decoding_.erase(ref.key);
+        // Cache before waking the waiters, so they find the span instead of decoding again.
+        if (decoded && decoded->ok()) {
+          cache_insert_locked(ref.key, **decoded, (**decoded)->pieces.size() * kPieceBytes);
+        }
+        cv_.notify_all();
+      });
+      // The checkpoint is stable: a deque element never changed, or the const loaded table.
+      decoded = decode_span(*ref.checkpoint, ref.end - span_start, ref.in_bound, ref.crc);
+    }
+    if (!decoded->ok()) return decoded->status();
+    span = **decoded;
+    lock.lock();
+    if (!failed_.ok()) return failed_;
+  }
+  lock.unlock();
+  std::vector<const std::byte*> pieces;
+  for (const auto& piece : span->pieces) pieces.push_back(piece.get());
+  copy_from_pieces(std::span(pieces).subspan((pos - span_start) / kPieceBytes), pos - span_start,
+                   dst.first(n));
+  return n;
 }
 
 uint64_t GzipSource::inflated_bytes() const {
@@ -346,6 +413,27 @@ uint64_t GzipSource::checkpoint_window_bytes() const {
   std::lock_guard lock(mu_);
   return window_bytes_;
 }
+
+GzipIndexSnapshot GzipSource::snapshot_index() const {
+  GzipIndexSnapshot index;
+  index.compressed_size = lower_size_;
+  index.uncompressed_size = size_;
+  std::lock_guard lock(mu_);
+  // A loaded partial index that reaches further than the frontier's is the better one to keep.
+  const uint64_t covered = done_ ? size_ : checkpoints_.back().out_offset;
+  if (covered < loaded_end_) {
+    index.checkpoints = loaded_checkpoints_;
+    index.span_crcs = loaded_crcs_;
+    return index;
+  }
+  index.verified = done_;
+  if (done_) index.sha1 = verified_sha1_;
+  index.checkpoints.assign(checkpoints_.begin(), checkpoints_.end());
+  index.span_crcs.assign(span_crcs_.begin(), span_crcs_.end());
+  return index;
+}
+
+bool GzipSource::used_initial_index() const { return used_initial_index_; }
 
 Status GzipSource::advance_until(uint64_t target) const {
   if (size_ - target <= options_.finish_tail_bytes) target = size_;
@@ -611,7 +699,10 @@ void GzipSource::publish(Publication publication) const {
       checkpoints_.push_back(std::move(*publication.checkpoint));
       building_ = std::move(publication.next_span);
     }
-    if (publication.done) done_ = true;
+    if (publication.done) {
+      done_ = true;
+      verified_sha1_ = options_.expected_sha1;
+    }
   }
   f.published = published;
   cv_.notify_all();

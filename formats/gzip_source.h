@@ -8,6 +8,10 @@
 // on demand and kept in a byte-bounded LRU. The frontier also checks each member's CRC32 and
 // ISIZE, the total size, and the SHA1 of the whole output against the manifest.
 //
+// The index can be saved (snapshot_index) and given to a later open (GzipOptions::initial_index),
+// which then reads any span at once from its checkpoint; every such span is still checked
+// against the CRC32 the first inflation recorded.
+//
 // Lock order: mu_ is the only lock and no lock is held across a lower read or an inflate call.
 // The frontier's inflater state belongs to the one reader that set advancing_ (under mu_); the
 // others wait on cv_. Span re-inflation is single-flight per span through decoding_.
@@ -50,6 +54,15 @@ struct GzipOptions {
   // end-of-stream checks (CRC32, ISIZE, SHA1) run when a reader reaches the last bytes it uses
   // (a tar stream ends in padding nobody reads).
   uint64_t finish_tail_bytes = 0;
+  // A checkpoint index saved from an earlier GzipSource over the same stream (snapshot_index,
+  // then serialize_gzip_index and parse_gzip_index). Used only when it is valid and its sizes
+  // and first checkpoint match this stream; otherwise ignored (see used_initial_index()). A
+  // verified index (with the same SHA1 when expected_sha1 is set) makes the source fully
+  // indexed at once. Any other index serves reads from its spans at once while the frontier
+  // still runs from the start for the end-of-stream checks, which the reads of the last
+  // finish_tail_bytes + 1 bytes wait for. Either way each span decoded from it must match its
+  // stored CRC32, so a stale or forged window gives Corruption, not wrong bytes.
+  std::shared_ptr<const GzipIndexSnapshot> initial_index;
 };
 
 class GzipSource final : public BlockSource {
@@ -81,6 +94,12 @@ class GzipSource final : public BlockSource {
   std::vector<uint64_t> checkpoint_offsets() const;
   // Bytes held by packed checkpoint windows (memory cost of the index). Thread-safe.
   uint64_t checkpoint_window_bytes() const;
+  // The index so far, to save for the next open. Complete and verified once fully_indexed();
+  // before that, the spans completed so far (or a loaded index that reaches further). Copies the
+  // packed windows. Thread-safe.
+  GzipIndexSnapshot snapshot_index() const;
+  // True when options.initial_index was accepted. Thread-safe (fixed at open).
+  bool used_initial_index() const;
 
  private:
   struct Span {
@@ -88,14 +107,28 @@ class GzipSource final : public BlockSource {
   };
   struct Frontier;
   struct Publication;
+  // A span to copy from: its cache key, checkpoint, output end, compressed bound and CRC32.
+  struct SpanRef {
+    size_t key;
+    const GzipCheckpoint* checkpoint;
+    uint64_t end;
+    uint64_t in_bound;
+    uint32_t crc;
+  };
   friend Result<std::unique_ptr<GzipSource>> open_gzip(std::unique_ptr<BlockSource> lower,
                                                        const GzipOptions& options);
 
   GzipSource(std::unique_ptr<BlockSource> lower, const GzipOptions& options, uint64_t size,
-             std::unique_ptr<Frontier> frontier, GzipCheckpoint first);
+             std::unique_ptr<Frontier> frontier, GzipCheckpoint first,
+             const GzipIndexSnapshot* index, bool verified);
 
   // Copies some bytes at pos (< end) into dst; returns how many (> 0).
   Result<uint64_t> read_some(uint64_t pos, uint64_t end, std::span<std::byte> dst) const;
+  // Copies bytes at pos from a complete span, decoding it (single-flight) when not cached. Called
+  // with `lock` held on mu_; returns it unlocked with the count, or 0 after waiting for another
+  // reader's decode (lock held again: the caller looks again).
+  Result<uint64_t> copy_from_span(std::unique_lock<std::mutex>& lock, const SpanRef& ref,
+                                  uint64_t pos, uint64_t end, std::span<std::byte> dst) const;
   // Runs the frontier until target bytes are published, the stream ends, or an error.
   // Only the reader that set advancing_ calls it, without holding mu_.
   Status advance_until(uint64_t target) const;
@@ -129,6 +162,13 @@ class GzipSource final : public BlockSource {
   // Owned by the reader that set advancing_; handed over through mu_.
   const std::unique_ptr<Frontier> frontier_;
 
+  const bool used_initial_index_;
+  // A loaded unverified index: its checkpoints, the CRC32s of its complete spans, and where those
+  // end. Fixed at open.
+  std::vector<GzipCheckpoint> loaded_checkpoints_;
+  std::vector<uint32_t> loaded_crcs_;
+  uint64_t loaded_end_ = 0;
+
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;
   mutable Status failed_;                           // GUARDED_BY(mu_); sticky frontier error
@@ -138,8 +178,9 @@ class GzipSource final : public BlockSource {
   mutable std::deque<GzipCheckpoint> checkpoints_;  // GUARDED_BY(mu_); elements never change
   mutable std::deque<uint32_t> span_crcs_;          // GUARDED_BY(mu_); CRC32 of completed spans
   mutable uint64_t window_bytes_ = 0;               // GUARDED_BY(mu_)
-  mutable std::shared_ptr<Span> building_;          // GUARDED_BY(mu_) (the vector, not the bytes)
-  mutable std::set<size_t> decoding_;               // GUARDED_BY(mu_)
+  mutable std::optional<std::array<uint8_t, 20>> verified_sha1_;  // GUARDED_BY(mu_); once done_
+  mutable std::shared_ptr<Span> building_;  // GUARDED_BY(mu_) (the vector, not the bytes)
+  mutable std::set<size_t> decoding_;       // GUARDED_BY(mu_)
 
   struct CacheEntry {
     std::shared_ptr<const Span> span;

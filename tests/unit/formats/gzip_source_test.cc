@@ -13,6 +13,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "tests/support/test_sources.h"
@@ -625,6 +626,248 @@ TEST(GzipSourceTest, TransientIoErrorIsNotSticky) {
   EXPECT_EQ(gzip.read_at(f.data.size() - 1, last).code(), StatusCode::kIOError);
   switchable->set_armed(false);
   check_everything(gzip, f.data);
+}
+
+// Saves an index to bytes and loads it back, as a remount would.
+std::shared_ptr<const GzipIndexSnapshot> reload(const GzipIndexSnapshot& index,
+                                                uint64_t compressed_size,
+                                                uint64_t uncompressed_size) {
+  Result<GzipIndexSnapshot> parsed =
+      parse_gzip_index(serialize_gzip_index(index), compressed_size, uncompressed_size);
+  EXPECT_TRUE(parsed.ok()) << parsed.status().to_string();
+  if (!parsed.ok()) return nullptr;
+  return std::make_shared<const GzipIndexSnapshot>(std::move(*parsed));
+}
+
+// The most compressed bytes one span can need: the largest distance between checkpoints.
+uint64_t largest_compressed_span(const GzipIndexSnapshot& index) {
+  uint64_t largest = index.compressed_size - index.checkpoints.back().in_offset;
+  for (size_t i = 1; i < index.checkpoints.size(); ++i) {
+    largest =
+        std::max(largest, index.checkpoints[i].in_offset - index.checkpoints[i - 1].in_offset);
+  }
+  return largest;
+}
+
+TEST(GzipSourceTest, LoadedVerifiedIndexReadsAnywhereAtOnce) {
+  const Fixture& f = fixture(6);
+  GzipOptions options;
+  options.expected_sha1 = sha1(f.data);
+  Opened first = open(f.compressed, options);
+  EXPECT_FALSE(first.gzip->used_initial_index());
+  expect_range(*first.gzip, f.data, 0, f.data.size());
+  ASSERT_TRUE(first.gzip->fully_indexed());
+  const GzipIndexSnapshot snapshot = first.gzip->snapshot_index();
+  EXPECT_TRUE(snapshot.verified);
+  EXPECT_TRUE(snapshot.complete());
+  EXPECT_EQ(snapshot.sha1, options.expected_sha1);
+  EXPECT_EQ(snapshot.checkpoints.size(), first.gzip->checkpoint_count());
+  EXPECT_EQ(snapshot.compressed_size, f.compressed.size());
+  EXPECT_EQ(snapshot.uncompressed_size, f.data.size());
+
+  GzipOptions with_index = options;
+  with_index.initial_index = reload(snapshot, f.compressed.size(), f.data.size());
+  with_index.span_cache_bytes = 1;
+  Opened second = open(f.compressed, with_index);
+  EXPECT_TRUE(second.gzip->used_initial_index());
+  EXPECT_TRUE(second.gzip->fully_indexed());
+  EXPECT_EQ(second.gzip->inflated_bytes(), f.data.size());
+  EXPECT_EQ(second.gzip->checkpoint_offsets(), first.gzip->checkpoint_offsets());
+  EXPECT_EQ(second.gzip->checkpoint_window_bytes(), first.gzip->checkpoint_window_bytes());
+  const uint64_t largest = largest_compressed_span(snapshot);
+  std::mt19937_64 rng(17);
+  for (int i = 0; i < 30; ++i) {
+    // Far into the stream (the last read is the very last byte): one span of input at most.
+    const uint64_t offset =
+        i == 29 ? f.data.size() - 1 : f.data.size() / 2 + rng() % (f.data.size() / 2);
+    const uint64_t before = second.counting->bytes_read();
+    expect_range(*second.gzip, f.data, offset, 1);
+    EXPECT_LE(second.counting->bytes_read() - before, largest + 1) << "at " << offset;
+  }
+  check_everything(*second.gzip, f.data);
+  // A source opened from an index saves the same index.
+  EXPECT_EQ(serialize_gzip_index(second.gzip->snapshot_index()), serialize_gzip_index(snapshot));
+}
+
+TEST(GzipSourceTest, LoadedPartialIndexServesReadsWhileTheFrontierChecks) {
+  const Fixture& f = fixture(6);
+  GzipOptions options;
+  options.expected_sha1 = sha1(f.data);
+  Opened first = open(f.compressed, options);
+  expect_range(*first.gzip, f.data, 0, f.data.size() / 2);
+  const GzipIndexSnapshot snapshot = first.gzip->snapshot_index();
+  EXPECT_FALSE(snapshot.verified);
+  EXPECT_FALSE(snapshot.complete());
+  EXPECT_FALSE(snapshot.sha1.has_value());
+  ASSERT_EQ(snapshot.span_crcs.size() + 1, snapshot.checkpoints.size());
+  const uint64_t covered = snapshot.checkpoints.back().out_offset;
+  ASSERT_GT(covered, f.data.size() / 4);
+
+  GzipOptions with_index = options;
+  with_index.initial_index = reload(snapshot, f.compressed.size(), f.data.size());
+  with_index.span_cache_bytes = 1;
+  Opened second = open(f.compressed, with_index);
+  EXPECT_TRUE(second.gzip->used_initial_index());
+  EXPECT_FALSE(second.gzip->fully_indexed());
+  const uint64_t before = second.counting->bytes_read();
+  expect_range(*second.gzip, f.data, covered - 5000, 4000);
+  EXPECT_EQ(second.gzip->inflated_bytes(), 0u);  // no frontier inflation from the start
+  EXPECT_LE(second.counting->bytes_read() - before, 2 * largest_compressed_span(snapshot) + 2);
+  // Its snapshot is still the loaded one, which reaches further than the frontier.
+  EXPECT_EQ(serialize_gzip_index(second.gzip->snapshot_index()), serialize_gzip_index(snapshot));
+  // Past the loaded spans the frontier runs; at the end it checks the SHA1.
+  expect_range(*second.gzip, f.data, covered + (f.data.size() - covered) / 2, 1000);
+  EXPECT_GT(second.gzip->inflated_bytes(), covered);
+  check_everything(*second.gzip, f.data);
+  EXPECT_TRUE(second.gzip->snapshot_index().verified);
+}
+
+TEST(GzipSourceTest, ConcurrentReadersWithALoadedIndex) {
+  const Fixture& f = fixture(6);
+  for (bool complete : {true, false}) {
+    Opened first = open(f.compressed);
+    expect_range(*first.gzip, f.data, 0, complete ? f.data.size() : f.data.size() / 3);
+    GzipOptions options;
+    options.span_cache_bytes = 3 * kSpan;
+    options.initial_index =
+        reload(first.gzip->snapshot_index(), f.compressed.size(), f.data.size());
+    concurrent_readers(f, options);
+  }
+}
+
+TEST(GzipSourceTest, TamperedIndexGivesCorruptionNotWrongBytes) {
+  // Flushed like pigz: spans then start at the flush points, inside zero and text runs whose
+  // first matches reach back into the window (unflushed level 6 cuts blocks mostly in noise).
+  const Fixture& f = fixture(6, 128 * 1024);
+  Opened first = open(f.compressed);
+  expect_range(*first.gzip, f.data, 0, f.data.size());
+  const GzipIndexSnapshot snapshot = first.gzip->snapshot_index();
+  ASSERT_GT(snapshot.checkpoints.size(), 8u);
+
+  // Every window replaced by another (re-serialized, so the file's checksum is valid).
+  GzipIndexSnapshot forged = snapshot;
+  for (GzipCheckpoint& checkpoint : forged.checkpoints) {
+    if (checkpoint.window_bytes == 0) continue;
+    const std::vector<std::byte> garbage(checkpoint.window_bytes, std::byte{0x5a});
+    checkpoint.packed_window = *pack_window(garbage);
+  }
+  // And one span's CRC changed.
+  const size_t crc_forged = snapshot.checkpoints.size() / 2;
+  forged.span_crcs[crc_forged] ^= 1;
+  GzipOptions options;
+  options.span_cache_bytes = 1;
+  options.initial_index = reload(forged, f.compressed.size(), f.data.size());
+  Opened second = open(f.compressed, options);
+  ASSERT_TRUE(second.gzip->used_initial_index());
+  size_t failed = 0;
+  for (size_t i = 0; i < snapshot.checkpoints.size(); ++i) {
+    const uint64_t start = snapshot.checkpoints[i].out_offset;
+    const uint64_t end = i + 1 < snapshot.checkpoints.size()
+                             ? snapshot.checkpoints[i + 1].out_offset
+                             : f.data.size();
+    std::vector<std::byte> out(end - start);
+    Status s = second.gzip->read_at(start, out);
+    if (s.ok()) {
+      EXPECT_NE(i, crc_forged);
+      EXPECT_TRUE(std::equal(out.begin(), out.end(), f.data.begin() + start)) << "span " << i;
+    } else {
+      EXPECT_EQ(s.code(), StatusCode::kCorruption) << s.to_string();
+      ++failed;
+    }
+  }
+  // Spans that start in noise, or after a full flush, never look at their window (10 of 51 do
+  // here); what matters is that none of them returned wrong bytes.
+  EXPECT_GE(failed, 5u);
+  std::cout << failed << " of " << snapshot.checkpoints.size()
+            << " spans refused with forged windows\n";
+}
+
+TEST(GzipSourceTest, IndexForAnotherStreamOrSha1IsNotTrusted) {
+  const Fixture& f = fixture(6);
+  GzipOptions options;
+  options.expected_sha1 = sha1(f.data);
+  Opened first = open(f.compressed, options);
+  expect_range(*first.gzip, f.data, 0, f.data.size());
+  const GzipIndexSnapshot snapshot = first.gzip->snapshot_index();
+  auto loaded = std::make_shared<const GzipIndexSnapshot>(snapshot);
+
+  // Another stream (level 1 of other data, same uncompressed size): ignored, still right.
+  const Fixture& other = fixture(1);
+  GzipOptions for_other;
+  for_other.initial_index = loaded;
+  Opened other_source = open(other.compressed, for_other);
+  EXPECT_FALSE(other_source.gzip->used_initial_index());
+  EXPECT_FALSE(other_source.gzip->fully_indexed());
+  expect_range(*other_source.gzip, other.data, 0, other.data.size());
+
+  // The same stream but another expected SHA1: the spans serve reads, but the end is checked.
+  GzipOptions wrong_sha1 = options;
+  (*wrong_sha1.expected_sha1)[0] ^= 1;
+  wrong_sha1.initial_index = loaded;
+  Opened suspicious = open(f.compressed, wrong_sha1);
+  EXPECT_TRUE(suspicious.gzip->used_initial_index());
+  EXPECT_FALSE(suspicious.gzip->fully_indexed());
+  expect_range(*suspicious.gzip, f.data, f.data.size() / 2, 1000);
+  EXPECT_EQ(suspicious.gzip->inflated_bytes(), 0u);
+  std::vector<std::byte> last(1);
+  EXPECT_EQ(suspicious.gzip->read_at(f.data.size() - 1, last).code(), StatusCode::kCorruption);
+
+  // No expected SHA1 when the index was made, one now: checked again, and it passes.
+  Opened without_sha1 = open(f.compressed);
+  expect_range(*without_sha1.gzip, f.data, 0, f.data.size());
+  GzipOptions now_expected = options;
+  now_expected.initial_index =
+      std::make_shared<const GzipIndexSnapshot>(without_sha1.gzip->snapshot_index());
+  EXPECT_FALSE(now_expected.initial_index->sha1.has_value());
+  Opened rechecked = open(f.compressed, now_expected);
+  EXPECT_TRUE(rechecked.gzip->used_initial_index());
+  EXPECT_FALSE(rechecked.gzip->fully_indexed());
+  check_everything(*rechecked.gzip, f.data);
+}
+
+TEST(GzipSourceTest, LoadedIndexOfMultiMemberStreamWithAnEmptyMember) {
+  const std::vector<std::byte> a = make_data(300000, 21);
+  const std::vector<std::byte> c = make_data(200000, 22);
+  std::vector<std::byte> compressed = gzip(a, 6);
+  const std::vector<std::byte> empty_gz = gzip({}, 6);
+  const std::vector<std::byte> c_gz = gzip(c, 6);
+  compressed.insert(compressed.end(), empty_gz.begin(), empty_gz.end());
+  compressed.insert(compressed.end(), c_gz.begin(), c_gz.end());
+  std::vector<std::byte> data = a;
+  data.insert(data.end(), c.begin(), c.end());
+  GzipOptions options;
+  options.exact_uncompressed_size = data.size();
+  options.span_cache_bytes = 1;
+  Opened first = open(compressed, options);
+  expect_range(*first.gzip, data, 0, data.size());
+  const GzipIndexSnapshot snapshot = first.gzip->snapshot_index();
+  options.initial_index = reload(snapshot, compressed.size(), data.size());
+  Opened second = open(compressed, options);
+  EXPECT_TRUE(second.gzip->used_initial_index());
+  EXPECT_TRUE(second.gzip->fully_indexed());
+  check_everything(*second.gzip, data);
+}
+
+TEST(GzipSourceTest, IndexFileBytesPerCheckpoint) {
+  std::vector<std::byte> zeros(8 * 1024 * 1024);
+  for (size_t i = 0; i < zeros.size(); i += 256 * 1024) {
+    std::memcpy(zeros.data() + i, "ext4 superblock-ish text", 24);
+  }
+  const std::vector<std::byte> noise = testing::pattern_bytes(4 * 1024 * 1024, 9);
+  for (const std::vector<std::byte>* data : {&std::as_const(zeros), &noise}) {
+    GzipOptions options;
+    options.span_bytes = 256 * 1024;
+    Opened opened = open(gzip(*data, 6, 256 * 1024), options);
+    expect_range(*opened.gzip, *data, 0, data->size());
+    const std::vector<std::byte> file = serialize_gzip_index(opened.gzip->snapshot_index());
+    const size_t count = opened.gzip->checkpoint_count();
+    std::cout << (data == &zeros ? "mostly-zero" : "random") << " data: " << count
+              << " checkpoints, index file " << file.size() << " bytes, " << file.size() / count
+              << " per checkpoint\n";
+    if (data == &zeros) {
+      EXPECT_LT(file.size() / count, 1024u);
+    }
+  }
 }
 
 }  // namespace
