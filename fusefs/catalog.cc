@@ -4,6 +4,7 @@
 
 #include "formats/gzip_source.h"
 #include "formats/image_stack.h"
+#include "remote/object_source.h"
 
 namespace imgfs::fusefs {
 
@@ -56,6 +57,10 @@ bool split_path(const std::string& path, std::vector<std::string>& parts) {
 }
 
 std::string entry_id(const remote::ObjectInfo& object) { return object.key + "\n" + object.etag; }
+
+// Objects smaller than this are never disk images (a VMDK descriptor is the smallest).
+constexpr uint64_t kMinimumProbeBytes = 512;
+constexpr char kRawViewSuffix[] = ".raw";
 
 }  // namespace
 
@@ -123,6 +128,19 @@ Result<std::shared_ptr<const CatalogTree>> Catalog::list_and_build() {
       if (manifest.ok()) {
         entry->size = image_size_of(*manifest);
         entry->manifest = std::move(manifest).value();
+        const auto* import = std::get_if<formats::ImportManifest>(&*entry->manifest);
+        if (import != nullptr && import->file_format != formats::ImportFileFormat::kRaw) {
+          // A VMDK or VHD import's disk size is inside the format: open it now to learn it.
+          auto opened = opener_.open_import(object, *import, &entry->counters);
+          if (opened.ok()) {
+            entry->size = opened->source->size();
+            entry->source = opened->source;
+            entry->cached = opened->cached;
+          } else {
+            entry->last_error = opened.status();
+            log_.error("image " + path + ": " + opened.status().to_string());
+          }
+        }
       } else {
         entry->size = 0;
         entry->manifest_status = manifest.status();
@@ -156,6 +174,9 @@ Result<std::shared_ptr<const CatalogTree>> Catalog::list_and_build() {
     if (hidden_keys.count(object.key) != 0) continue;
     const std::string path = object.key.substr(prefix_.size());
     placed.push_back(Placed{path, entry_for(object, NodeKind::kObject, path)});
+    if (auto view = raw_view_for(object, path, known)) {
+      placed.push_back(Placed{path + kRawViewSuffix, std::move(view)});
+    }
   }
 
   std::lock_guard lock(mutex_);
@@ -202,12 +223,46 @@ Result<std::shared_ptr<const CatalogTree>> Catalog::list_and_build() {
     CatalogNode& node = add_node(folder, parts.back(), item.entry->kind);
     node.size = item.entry->size;
     node.entry = item.entry;
-    in_use[entry_id(item.entry->object)] = item.entry;
+    in_use[entry_id(item.entry->object) +
+           (item.entry->view_format != formats::DiskFormat::kRaw ? kRawViewSuffix : "")] =
+        item.entry;
   }
   const uint64_t stats_folder = add_node(kRootInode, kStatsFolder, NodeKind::kDirectory).inode;
   add_node(stats_folder, kStatsFile, NodeKind::kStats);
   entries_ = std::move(in_use);
   return std::shared_ptr<const CatalogTree>(std::move(tree));
+}
+
+std::shared_ptr<CatalogEntry> Catalog::raw_view_for(
+    const remote::ObjectInfo& object, const std::string& path,
+    const std::unordered_map<std::string, std::shared_ptr<CatalogEntry>>& known) {
+  const std::string id = entry_id(object) + kRawViewSuffix;
+  if (auto it = known.find(id); it != known.end()) return it->second;
+  if (object.size < kMinimumProbeBytes) return nullptr;
+  remote::ObjectSource file(opener_.store(), object, nullptr);
+  auto format = formats::detect_disk_format(file);
+  if (!format.ok()) {
+    log_.error_once("cannot probe " + path + ": " + format.status().to_string());
+    return nullptr;
+  }
+  if (*format == formats::DiskFormat::kRaw) return nullptr;
+  // The view is opened now: its size is the virtual disk's, which only the format knows.
+  auto entry = std::make_shared<CatalogEntry>();
+  entry->kind = NodeKind::kImage;
+  entry->object = object;
+  entry->view_format = *format;
+  entry->counters.parent = &totals_;
+  auto opened = opener_.open_disk_view(object, *format, &entry->counters);
+  if (opened.ok()) {
+    entry->size = opened->source->size();
+    entry->source = opened->source;
+    entry->cached = opened->cached;
+  } else {
+    entry->manifest_status = opened.status();
+    entry->last_error = opened.status();
+    log_.error("image " + path + kRawViewSuffix + ": " + opened.status().to_string());
+  }
+  return entry;
 }
 
 std::shared_ptr<const CatalogTree> Catalog::tree() {
@@ -239,7 +294,9 @@ Result<std::shared_ptr<const BlockSource>> Catalog::open_source(CatalogEntry& en
   lock.unlock();
 
   Result<OpenedImage> opened = Status::InvalidArgument(path + " is not a file");
-  if (entry.kind == NodeKind::kImage) {
+  if (entry.kind == NodeKind::kImage && entry.view_format != formats::DiskFormat::kRaw) {
+    opened = opener_.open_disk_view(entry.object, entry.view_format, &entry.counters);
+  } else if (entry.kind == NodeKind::kImage) {
     if (entry.manifest) {
       opened = opener_.open_manifest(entry.object, *entry.manifest, &entry.counters);
     } else {
@@ -292,6 +349,10 @@ std::string Catalog::stats_json(const std::string& extra) const {
     out += ",\"kind\":";
     if (entry.kind == NodeKind::kObject) {
       out += "\"object\"";
+    } else if (entry.view_format != formats::DiskFormat::kRaw) {
+      out += "\"";
+      out += formats::disk_format_name(entry.view_format);
+      out += "\"";
     } else if (entry.manifest && std::holds_alternative<formats::ImportManifest>(*entry.manifest)) {
       out += "\"import\"";
     } else if (entry.manifest &&

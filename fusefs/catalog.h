@@ -32,6 +32,7 @@ struct CatalogEntry {
   NodeKind kind = NodeKind::kObject;  // kImage or kObject
   remote::ObjectInfo object;          // the manifest, or the plain object
   std::optional<ParsedManifest> manifest;  // images whose manifest parsed
+  formats::DiskFormat view_format = formats::DiskFormat::kRaw;  // raw views "K.raw" of object K
   Status manifest_status;                  // why it did not
   uint64_t size = 0;
   IoCounters counters;
@@ -109,6 +110,11 @@ class Catalog {
   // Runs without mutex_ held except to read and update the maps.
   Result<std::shared_ptr<const CatalogTree>> list_and_build();
   uint64_t inode_for(const std::string& path);  // REQUIRES(mutex_)
+  // The raw view "K.raw" of object K when K is a disk image in a known format, else null;
+  // reused from `known` while K's ETag is unchanged.
+  std::shared_ptr<CatalogEntry> raw_view_for(
+      const remote::ObjectInfo& object, const std::string& path,
+      const std::unordered_map<std::string, std::shared_ptr<CatalogEntry>>& known);
 
   const ImageOpener& opener_;
   const std::string prefix_;

@@ -85,11 +85,6 @@ Result<OpenedImage> ImageOpener::open_import(const remote::ObjectInfo& manifest_
                                              const formats::ImportManifest& manifest,
                                              IoCounters* counters) const {
   const std::string& name = manifest_object.key;
-  if (manifest.file_format != formats::ImportFileFormat::kRaw) {
-    return Status::NotSupported(name + ": import file-format " +
-                                std::string(formats::import_file_format_name(manifest.file_format)) +
-                                " is not supported yet; only RAW imports can be read");
-  }
   formats::ImportManifest fitted = manifest;
   std::vector<std::unique_ptr<BlockSource>> parts;
   std::vector<uint64_t> sizes;
@@ -111,10 +106,39 @@ Result<OpenedImage> ImageOpener::open_import(const remote::ObjectInfo& manifest_
     parts.push_back(std::move(by_url).value());
   }
   if (Status s = fitted.fit_to_object_sizes(sizes); !s.ok()) return s.with_context(name);
-  auto disk = formats::open_concat(std::move(parts));
+  auto file = formats::open_concat(std::move(parts));
+  if (!file.ok()) return file.status().with_context(name);
+  // The parts tile one disk file: a VMDK or VHD layer goes on top of them, with no siblings.
+  const formats::DiskFormat format = manifest.file_format == formats::ImportFileFormat::kVmdk
+                                         ? formats::DiskFormat::kVmdk
+                                     : manifest.file_format == formats::ImportFileFormat::kVhd
+                                         ? formats::DiskFormat::kVhd
+                                         : formats::DiskFormat::kRaw;
+  auto disk = formats::open_disk_format(format, std::move(file).value(), {});
   if (!disk.ok()) return disk.status().with_context(name);
   OpenedImage opened;
   add_cache(std::move(disk).value(), "import:" + name, manifest_object.etag, counters, opened);
+  return opened;
+}
+
+Result<OpenedImage> ImageOpener::open_disk_view(const remote::ObjectInfo& object,
+                                                formats::DiskFormat format,
+                                                IoCounters* counters) const {
+  const std::string folder = key_folder(object.key);
+  formats::SiblingOpener open_sibling =
+      [this, folder, counters](std::string_view name) -> Result<std::unique_ptr<BlockSource>> {
+    auto info = store_.head(folder + std::string(name));
+    if (!info.ok()) return info.status();
+    return std::unique_ptr<BlockSource>(
+        std::make_unique<remote::ObjectSource>(store_, std::move(info).value(), counters));
+  };
+  auto disk = formats::open_disk_format(
+      format, std::make_unique<remote::ObjectSource>(store_, object, counters), open_sibling);
+  if (!disk.ok()) return disk.status().with_context(object.key);
+  OpenedImage opened;
+  add_cache(std::move(disk).value(),
+            "view:" + std::string(formats::disk_format_name(format)) + ":" + object.key,
+            object.etag, counters, opened);
   return opened;
 }
 

@@ -13,6 +13,7 @@
 #include "formats/block_source.h"
 #include "formats/bundle_keys.h"
 #include "formats/bundle_manifest.h"
+#include "formats/disk_format.h"
 #include "formats/image_stack.h"
 #include "formats/download_manifest.h"
 #include "formats/import_manifest.h"
@@ -75,6 +76,11 @@ class ImageOpener {
   Result<OpenedImage> open_bundle(const remote::ObjectInfo& manifest_object,
                                   const formats::BundleManifest& manifest,
                                   IoCounters* counters) const;
+
+  // Opens the raw view of a plain object in a disk image format (qcow2, VMDK, VHD, VHDX, VDI),
+  // its siblings (backing files, extents, parents) found beside it. Thread-safe.
+  Result<OpenedImage> open_disk_view(const remote::ObjectInfo& object, formats::DiskFormat format,
+                                     IoCounters* counters) const;
 
   // Opens a plain object as itself, through the cache. Thread-safe.
   Result<OpenedImage> open_object(const remote::ObjectInfo& object, IoCounters* counters) const;

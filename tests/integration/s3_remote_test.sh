@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # S3 itself, against s3rver on 127.0.0.1: import manifests (10 MiB and odd parts, a part only
-# reachable through its get-url, a format without its layer yet), paging past 1000 keys, keys
+# reachable through its get-url, a VMDK label on bytes that are not VMDK), paging past 1000 keys, keys
 # with spaces and plus signs, a prefix mount, and faults injected by our proxy: 503 SlowDown,
 # 500, resets, short bodies and delays are retried to byte-identical reads; a part that keeps
 # failing gives EIO in bounded time while other images work; a dead endpoint fails over.
@@ -38,9 +38,11 @@ for path in 7c1e0000-aaaa/disk.raw 7c1e0000-bbbb/odd.raw 7c1e0000-dddd/url.raw; 
 done
 [ ! -e "$M/imports/7c1e0000-aaaa/disk.raw.part.0" ] || fail "import parts must be hidden"
 pass "RAW imports (10 MiB parts, odd parts, a part only behind its get-url) read byte-identical"
-if timeout 30 head -c 1 "$M/imports/7c1e0000-cccc/stream.vmdk" >/dev/null 2>&1; then fail "VMDK import served"; fi
-grep -q "stream.vmdk.*NotSupported" "$WORK/main.log" || fail "no NotSupported log line for VMDK"
-pass "a VMDK import appears and fails its reads with a NotSupported log line"
+if timeout 30 head -c 1 "$M/imports/7c1e0000-cccc/stream.vmdk" >/dev/null 2>&1; then
+  fail "an import labelled VMDK whose bytes are not VMDK was served"
+fi
+grep -q "stream.vmdk.*Corruption" "$WORK/main.log" || fail "no log line for the bad VMDK import"
+pass "an import labelled VMDK whose bytes are not VMDK appears and fails with EIO and a log line"
 [ "$(ls "$M/many" | wc -l)" = 1100 ] || fail "listing past 1000 keys: $(ls "$M/many" | wc -l)"
 [ "$(cat "$M/many/object-1077")" = 1077 ] || fail "object-1077"
 pass "listing pages past 1000 keys"
