@@ -1,6 +1,8 @@
 #include "formats/image_stack.h"
 
+#include "formats/byte_order.h"
 #include "formats/cbc_source.h"
+#include "formats/gzip_index.h"
 #include "formats/checked_math.h"
 #include "formats/concat_source.h"
 #include "formats/tar_member_source.h"
@@ -29,6 +31,21 @@ Result<std::array<uint8_t, 20>> parse_sha1_hex(std::string_view hex) {
     digest[i] = static_cast<uint8_t>(hi * 16 + lo);
   }
   return digest;
+}
+
+// A saved index for the gzip stream `plain` (the decrypted bundle), or null when it does not
+// parse for this stream's sizes. The uncompressed size comes from ISIZE as open_gzip finds it.
+std::shared_ptr<const GzipIndexSnapshot> parse_saved_index(const BlockSource& plain,
+                                                           const std::vector<std::byte>& saved,
+                                                           uint64_t min_uncompressed_size) {
+  if (plain.size() < 4) return nullptr;
+  std::array<std::byte, 4> isize_bytes;
+  if (!plain.read_at(plain.size() - 4, isize_bytes).ok()) return nullptr;
+  auto uncompressed = size_from_isize(load_le32(isize_bytes.data()), min_uncompressed_size);
+  if (!uncompressed.ok()) return nullptr;
+  auto snapshot = parse_gzip_index(saved, plain.size(), *uncompressed);
+  if (!snapshot.ok()) return nullptr;
+  return std::make_shared<const GzipIndexSnapshot>(std::move(snapshot).value());
 }
 
 }  // namespace
@@ -152,6 +169,11 @@ Result<OpenedBundle> open_bundle_layout(const BundleLayout& layout, const PartOp
   auto min_tar = checked_add(layout.image_size, kTarBlock);
   if (!min_tar) return Status::Corruption("image size overflows");
   gzip_options.min_uncompressed_size = *min_tar;
+  if (options.load_index) {
+    if (auto saved = options.load_index()) {
+      gzip_options.initial_index = parse_saved_index(**cbc, *saved, *min_tar);
+    }
+  }
   gzip_options.span_bytes = options.span_bytes;
   gzip_options.span_cache_bytes = options.span_cache_bytes;
   gzip_options.expected_sha1 = layout.tar_sha1;

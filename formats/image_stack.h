@@ -5,6 +5,7 @@
 #pragma once
 
 #include <functional>
+#include <optional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -44,6 +45,9 @@ struct BundleStackOptions {
   VerifiedPartPool* part_pool = nullptr;        // required: holds verified ciphertext
   uint64_t span_bytes = 1 << 20;                // gzip checkpoint spacing
   uint64_t span_cache_bytes = 16 << 20;         // decoded spans kept in memory per image
+  // The bytes of a saved gzip index of this bundle, if one was kept (may be empty). Parsed as
+  // untrusted: a bad, stale or foreign index is ignored and the index is built again.
+  std::function<std::optional<std::vector<std::byte>>()> load_index;
 };
 
 struct OpenedBundle {

@@ -2,6 +2,7 @@
 
 #include <set>
 
+#include "formats/gzip_index.h"
 #include "formats/gzip_source.h"
 #include "formats/image_stack.h"
 #include "remote/object_source.h"
@@ -319,6 +320,32 @@ Result<std::shared_ptr<const BlockSource>> Catalog::open_source(CatalogEntry& en
   entry.cached = opened->cached;
   entry.last_error = Status::OK();
   return entry.source;
+}
+
+void Catalog::save_indexes() {
+  const IndexStore* store = opener_.index_store();
+  if (store == nullptr) return;
+  std::vector<std::shared_ptr<CatalogEntry>> entries;
+  {
+    std::lock_guard lock(mutex_);
+    for (const auto& [id, entry] : entries_) entries.push_back(entry);
+  }
+  for (const auto& entry : entries) {
+    std::vector<std::byte> bytes;
+    {
+      std::lock_guard lock(entry->mutex);
+      const formats::GzipSource* gzip = entry->gzip;
+      if (entry->index_saved || gzip == nullptr || !gzip->fully_indexed() ||
+          gzip->used_initial_index()) {
+        continue;
+      }
+      entry->index_saved = true;
+      bytes = formats::serialize_gzip_index(gzip->snapshot_index());
+    }
+    if (Status s = store->save(index_id(entry->object), bytes); !s.ok()) {
+      log_.error("gzip index of " + entry->object.key + ": " + s.to_string());
+    }
+  }
 }
 
 std::string Catalog::stats_json(const std::string& extra) const {

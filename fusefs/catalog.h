@@ -44,6 +44,7 @@ struct CatalogEntry {
   const formats::GzipSource* gzip = nullptr;     // GUARDED_BY(mutex); inside `source`
   const cache::CachedSource* cached = nullptr;   // GUARDED_BY(mutex); `source` itself
   Status last_error;                             // GUARDED_BY(mutex)
+  bool index_saved = false;                      // GUARDED_BY(mutex)
 };
 
 // One file or folder of a tree snapshot. Immutable once the snapshot is built.
@@ -88,6 +89,11 @@ class Catalog {
   // with the image's path and cause, returned, and retried on the next call. Thread-safe.
   Result<std::shared_ptr<const BlockSource>> open_source(CatalogEntry& entry,
                                                          const std::string& path);
+
+  // Saves the gzip index of every bundle that has been inflated to its end and verified, and
+  // was not started from a saved index (one file each; see IndexStore). Called when a file is
+  // released and at unmount. Thread-safe. Failures are logged.
+  void save_indexes();
 
   // The live counters as JSON: mount totals at the top, per image under "images". `extra`
   // (may be empty) is spliced in at the top level, e.g. the store's endpoint and failovers.

@@ -220,7 +220,17 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, fuse_file_in
 }
 
 void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
-  delete reinterpret_cast<FileHandle*>(fi->fh);
+  auto* handle = reinterpret_cast<FileHandle*>(fi->fh);
+  const bool was_image = handle->entry && handle->entry->kind == NodeKind::kImage;
+  delete handle;
+  // A reader that went to the end has built a whole gzip index: keep it for the next mount.
+  if (was_image) {
+    try {
+      context(req).catalog.save_indexes();
+    } catch (const std::exception& e) {
+      context(req).log.error(std::string("saving gzip indexes: ") + e.what());
+    }
+  }
   fuse_reply_err(req, 0);
 }
 

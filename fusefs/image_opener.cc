@@ -77,7 +77,7 @@ Result<OpenedImage> ImageOpener::open_manifest(const remote::ObjectInfo& manifes
     return remote::open_url_source(store_, std::string(url), "download part", counters);
   };
   return cache_bundle(formats::open_download_stack(std::get<formats::DownloadManifest>(manifest),
-                                                   open_part, bundle_options()),
+                                                   open_part, bundle_options(manifest_object)),
                       "download:", manifest_object, counters);
 }
 
@@ -155,11 +155,21 @@ void ImageOpener::add_cache(std::unique_ptr<BlockSource> chain, const std::strin
   opened.source = std::move(cached);
 }
 
-formats::BundleStackOptions ImageOpener::bundle_options() const {
+std::string index_id(const remote::ObjectInfo& manifest_object) {
+  return "gzip-index\n" + manifest_object.key + "\n" + manifest_object.etag;
+}
+
+formats::BundleStackOptions ImageOpener::bundle_options(
+    const remote::ObjectInfo& manifest_object) const {
   formats::BundleStackOptions options;
   options.keys = config_.keys;
   options.verify_cert = config_.verify_cert;
   options.part_pool = config_.part_pool;
+  if (config_.index_store != nullptr) {
+    options.load_index = [store = config_.index_store, id = index_id(manifest_object)] {
+      return store->load(id);
+    };
+  }
   return options;
 }
 
@@ -174,8 +184,9 @@ Result<OpenedImage> ImageOpener::open_bundle(const remote::ObjectInfo& manifest_
     return std::unique_ptr<BlockSource>(
         std::make_unique<remote::ObjectSource>(store_, std::move(info).value(), counters));
   };
-  return cache_bundle(formats::open_bundle_stack(manifest, open_part, bundle_options()), "bundle:",
-                      manifest_object, counters);
+  return cache_bundle(
+      formats::open_bundle_stack(manifest, open_part, bundle_options(manifest_object)),
+      "bundle:", manifest_object, counters);
 }
 
 Result<OpenedImage> ImageOpener::cache_bundle(Result<formats::OpenedBundle> bundle,

@@ -19,6 +19,7 @@
 #include "formats/import_manifest.h"
 #include "formats/io_counters.h"
 #include "formats/verified_part_source.h"
+#include "fusefs/index_store.h"
 #include "remote/object_store.h"
 
 namespace imgfs::fusefs {
@@ -28,6 +29,7 @@ struct ImageOpenerConfig {
   const formats::Certificate* verify_cert = nullptr;
   formats::VerifiedPartPool* part_pool = nullptr;  // required
   cache::BlockStore* block_store = nullptr;        // null: no on-disk cache
+  const IndexStore* index_store = nullptr;         // null: gzip indexes are not kept
   uint32_t cache_block_bytes = 256u << 10;
 };
 
@@ -86,9 +88,11 @@ class ImageOpener {
   Result<OpenedImage> open_object(const remote::ObjectInfo& object, IoCounters* counters) const;
 
   const remote::ObjectStore& store() const { return store_; }
+  const IndexStore* index_store() const { return config_.index_store; }
 
  private:
-  formats::BundleStackOptions bundle_options() const;
+  // Options for a bundle chain; its saved gzip index, if any, is looked up by index_id().
+  formats::BundleStackOptions bundle_options(const remote::ObjectInfo& manifest_object) const;
 
   // Puts the cache on an opened bundle chain; `kind` ("bundle:", "download:") starts its cache
   // identity. Errors are named by the manifest's key.
@@ -103,6 +107,9 @@ class ImageOpener {
   const remote::ObjectStore& store_;
   const ImageOpenerConfig config_;
 };
+
+// Names the saved gzip index of one manifest version (its key and ETag pin every part).
+std::string index_id(const remote::ObjectInfo& manifest_object);
 
 // The folder part of a key, with its trailing '/', or "" at the top.
 std::string key_folder(const std::string& key);

@@ -137,12 +137,15 @@ int run_mount_command(const std::vector<std::string>& args) {
   auto block_store = cache::BlockStore::open(cache_dir, options.cache_size_bytes, nullptr);
   if (!block_store.ok()) return fail(block_store.status().to_string());
 
+  auto index_store = IndexStore::open(cache_dir + "/index");
+  if (!index_store.ok()) return fail(index_store.status().to_string());
   formats::VerifiedPartPool part_pool(options.part_memory_bytes);
   ImageOpenerConfig config;
   for (const formats::PrivateKey& key : keys) config.keys.push_back(&key);
   config.verify_cert = verify_cert ? &*verify_cert : nullptr;
   config.part_pool = &part_pool;
   config.block_store = block_store->get();
+  config.index_store = index_store->get();
   config.cache_block_bytes = options.cache_block_bytes;
   ImageOpener opener(*store->store, config);
 
@@ -182,6 +185,7 @@ int run_mount_command(const std::vector<std::string>& args) {
   fuse_loop_cfg_set_max_threads(loop_config, 16);
   const int loop_result = fuse_session_loop_mt(session, loop_config);
   fuse_loop_cfg_destroy(loop_config);
+  (*catalog)->save_indexes();
   fuse_session_unmount(session);
   fuse_remove_signal_handlers(session);
   fuse_session_destroy(session);

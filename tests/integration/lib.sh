@@ -22,7 +22,6 @@ if [ "$STORE" != dir ]; then
   export AWS_ACCESS_KEY_ID=S3RVER AWS_SECRET_ACCESS_KEY=S3RVER
   unset AWS_SESSION_TOKEN AWS_PROFILE
 fi
-BUCKETS=0
 
 fail() {
   echo "FAIL: $*" >&2
@@ -111,9 +110,9 @@ shell_unbundle() {
 
 # s3_bucket_of FOLDER NAME: uploads FOLDER into a new s3rver bucket and prints its name.
 s3_bucket_of() {
-  BUCKETS=$((BUCKETS + 1))
+  # Called in a subshell ($(...)), so the name's uniqueness cannot come from a counter.
   local bucket
-  bucket="it-$BUCKETS-$(echo "$2" | tr -c 'a-z0-9\n' '-')"
+  bucket="it-$RANDOM$RANDOM-$(echo "$2" | tr -c 'a-z0-9\n' '-')"
   curl -sf -X PUT "$S3_ENDPOINT/$bucket" >/dev/null || fail "cannot create bucket $bucket"
   s3_put_tree "$bucket" "$1" >/dev/null || fail "cannot upload $1"
   echo "$bucket"
