@@ -7,6 +7,7 @@
 #include <span>
 #include <vector>
 
+#include "tests/fuzz/exercise_source.h"
 #include "formats/memory_source.h"
 #include "formats/vdi_source.h"
 
@@ -27,24 +28,6 @@ void exercise_parsers(std::span<const std::byte> bytes) {
       bytes.size());
 }
 
-void exercise_source(const BlockSource& source) {
-  const uint64_t size = source.size();
-  if (size == 0) return;
-  std::vector<std::byte> buffer(64 * 1024);
-  const uint64_t offsets[] = {0, size / 3, size / 2, size - 1, size > 70000 ? size - 70000 : 0};
-  for (uint64_t offset : offsets) {
-    const uint64_t length = std::min<uint64_t>(buffer.size(), size - offset);
-    (void)source.read_at(offset, std::span(buffer).first(length));
-    (void)source.map(offset);
-  }
-  uint64_t pos = 0;
-  for (int i = 0; i < 16 && pos < size; ++i) {
-    Result<imgfs::Extent> run = source.map(pos);
-    if (!run.ok() || run->length == 0) break;
-    pos += run->length;
-  }
-}
-
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -53,6 +36,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::vector<std::byte> copy(bytes.begin(), bytes.end());
   Result<std::unique_ptr<BlockSource>> source =
       formats::open_vdi(std::make_unique<MemorySource>(copy, "input"), {});
-  if (source.ok()) exercise_source(**source);
+  if (source.ok()) imgfs::fuzzing::exercise_source(**source);
   return 0;
 }

@@ -10,6 +10,7 @@
 #include <string_view>
 #include <vector>
 
+#include "tests/fuzz/exercise_source.h"
 #include "formats/memory_source.h"
 #include "formats/vhd_source.h"
 
@@ -46,25 +47,6 @@ void exercise_parsers(std::span<const std::byte> bytes) {
   }
 }
 
-void exercise_source(const BlockSource& source) {
-  const uint64_t size = source.size();
-  if (size == 0) return;
-  std::vector<std::byte> buffer(64 * 1024);
-  const uint64_t offsets[] = {0, size / 3, size / 2, size - 1, size > 70000 ? size - 70000 : 0};
-  for (uint64_t offset : offsets) {
-    const uint64_t length = std::min<uint64_t>(buffer.size(), size - offset);
-    (void)source.read_at(offset, std::span(buffer).first(length));
-    (void)source.map(offset);
-  }
-  // Walk the map a little way, as SEEK_DATA/SEEK_HOLE would.
-  uint64_t pos = 0;
-  for (int i = 0; i < 16 && pos < size; ++i) {
-    Result<imgfs::Extent> run = source.map(pos);
-    if (!run.ok() || run->length == 0) break;
-    pos += run->length;
-  }
-}
-
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -80,6 +62,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   };
   Result<std::unique_ptr<BlockSource>> source =
       formats::open_vhd(std::make_unique<MemorySource>(copy, "input"), options);
-  if (source.ok()) exercise_source(**source);
+  if (source.ok()) imgfs::fuzzing::exercise_source(**source);
   return 0;
 }
