@@ -11,6 +11,7 @@
 
 #include "formats/byte_order.h"
 #include "formats/checked_math.h"
+#include "formats/scope_exit.h"
 
 namespace imgfs::formats {
 
@@ -25,19 +26,6 @@ constexpr uint64_t kHeaderProbeBytes = 4 * 1024;
 // The smallest gzip member: 10-byte header, an empty deflate block, 8-byte trailer.
 constexpr uint64_t kMinGzipBytes = 18;
 constexpr uint64_t kTrailerBytes = 8;
-
-// Runs a callable when the scope ends, so a flag set under the mutex is always cleared.
-template <typename F>
-class ScopeExit {
- public:
-  explicit ScopeExit(F f) : f_(std::move(f)) {}
-  ScopeExit(const ScopeExit&) = delete;
-  ScopeExit& operator=(const ScopeExit&) = delete;
-  ~ScopeExit() { f_(); }
-
- private:
-  F f_;
-};
 
 std::string hex(std::span<const uint8_t> bytes) {
   static constexpr char kDigits[] = "0123456789abcdef";

@@ -18,6 +18,7 @@
 
 #include "formats/byte_order.h"
 #include "formats/checked_math.h"
+#include "formats/scope_exit.h"
 
 namespace imgfs::formats {
 
@@ -82,19 +83,6 @@ Qcow2HeaderScan need_more(uint64_t bytes_needed) {
   scan.bytes_needed = bytes_needed;
   return scan;
 }
-
-// Runs a callable when the scope ends, so a flag set under a mutex is always cleared.
-template <typename F>
-class ScopeExit {
- public:
-  explicit ScopeExit(F f) : f_(std::move(f)) {}
-  ScopeExit(const ScopeExit&) = delete;
-  ScopeExit& operator=(const ScopeExit&) = delete;
-  ~ScopeExit() { f_(); }
-
- private:
-  F f_;
-};
 
 Status inflate_cluster(std::span<const std::byte> compressed, std::span<std::byte> out) {
   z_stream strm{};

@@ -14,6 +14,7 @@
 
 #include "formats/byte_order.h"
 #include "formats/checked_math.h"
+#include "formats/scope_exit.h"
 
 namespace imgfs::formats {
 
@@ -37,19 +38,6 @@ constexpr size_t kMaxNameBytes = 512;
 constexpr size_t kMaxValueBytes = 1024;
 // map() stops a run after scanning this many grain tables, so one call stays cheap.
 constexpr uint64_t kMapMaxTables = 64;
-
-// Clears a filling mark and wakes waiters when a fill ends, even by an exception from std.
-template <typename F>
-class ScopeExit {
- public:
-  explicit ScopeExit(F f) : f_(std::move(f)) {}
-  ScopeExit(const ScopeExit&) = delete;
-  ScopeExit& operator=(const ScopeExit&) = delete;
-  ~ScopeExit() { f_(); }
-
- private:
-  F f_;
-};
 
 std::string_view trim(std::string_view s) {
   while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
