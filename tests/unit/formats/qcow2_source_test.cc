@@ -21,12 +21,15 @@
 
 #include "formats/byte_order.h"
 #include "formats/memory_source.h"
+#include "tests/support/file_fixtures.h"
 #include "tests/support/test_sources.h"
 
 namespace imgfs::formats {
 namespace {
 
 using testing::CountingSource;
+using testing::read_file;
+using testing::run_in;
 
 namespace fs = std::filesystem;
 
@@ -35,24 +38,10 @@ using SiblingOpener = std::function<Result<std::unique_ptr<BlockSource>>(std::st
 // Odd on purpose: not a multiple of any cluster size (qemu rounds the disk up to 512 bytes).
 constexpr uint64_t kRawSize = 3 * 1024 * 1024 + 12345;
 
-std::vector<std::byte> read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> chars((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::byte> bytes(chars.size());
-  std::memcpy(bytes.data(), chars.data(), chars.size());
-  return bytes;
-}
-
 void write_file(const fs::path& path, std::span<const std::byte> bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(reinterpret_cast<const char*>(bytes.data()),
             static_cast<std::streamsize>(bytes.size()));
-}
-
-// Runs a shell command in `dir`, quietly; true on exit status 0.
-bool run(const fs::path& dir, const std::string& command) {
-  const std::string line = "cd '" + dir.string() + "' && " + command + " >/dev/null 2>&1";
-  return std::system(line.c_str()) == 0;
 }
 
 // One temp folder per test process (ctest runs each test in its own) with a seeded raw disk:
@@ -71,7 +60,7 @@ class Qcow2Fixture {
   fs::path convert(const std::string& name, const std::string& options) {
     const fs::path path = dir_ / name;
     if (!fs::exists(path)) {
-      EXPECT_TRUE(run(dir_, "qemu-img convert -f raw -O qcow2 " + options + " base.raw " + name))
+      EXPECT_TRUE(run_in(dir_, "qemu-img convert -f raw -O qcow2 " + options + " base.raw " + name))
           << name;
     }
     return path;
@@ -81,7 +70,7 @@ class Qcow2Fixture {
   fs::path make(const std::string& name, const std::vector<std::string>& commands) {
     const fs::path path = dir_ / name;
     if (!fs::exists(path)) {
-      for (const std::string& command : commands) EXPECT_TRUE(run(dir_, command)) << command;
+      for (const std::string& command : commands) EXPECT_TRUE(run_in(dir_, command)) << command;
     }
     return path;
   }
@@ -108,7 +97,7 @@ class Qcow2Fixture {
   // The oracle: qemu-img convert -O raw of `name`.
   std::vector<std::byte> oracle(const std::string& name) {
     const std::string raw = name + ".oracle.raw";
-    EXPECT_TRUE(run(dir_, "qemu-img convert -O raw " + name + " " + raw)) << name;
+    EXPECT_TRUE(run_in(dir_, "qemu-img convert -O raw " + name + " " + raw)) << name;
     return read_file(dir_ / raw);
   }
 
@@ -327,23 +316,24 @@ TEST(Qcow2SourceTest, ExtendedL2MatchesQemu) {
   f.convert("ext.qcow2", "-o extended_l2=on");
   expect_matches_oracle("ext.qcow2");
   // Partly written clusters: allocated, zero and unallocated subclusters side by side.
-  ASSERT_TRUE(run(f.dir(), "qemu-img create -f qcow2 -o extended_l2=on ext2.qcow2 3M"));
-  ASSERT_TRUE(run(f.dir(),
-                  "qemu-io -c 'write -P 0x11 4k 4k' -c 'write -P 0x22 70k 10k' "
-                  "-c 'write -P 0x33 1M 128k' -c 'write -z 1040k 6k' -c 'write -P 0x44 3068k 4k' "
-                  "ext2.qcow2"));
+  ASSERT_TRUE(run_in(f.dir(), "qemu-img create -f qcow2 -o extended_l2=on ext2.qcow2 3M"));
+  ASSERT_TRUE(
+      run_in(f.dir(),
+             "qemu-io -c 'write -P 0x11 4k 4k' -c 'write -P 0x22 70k 10k' "
+             "-c 'write -P 0x33 1M 128k' -c 'write -z 1040k 6k' -c 'write -P 0x44 3068k 4k' "
+             "ext2.qcow2"));
   expect_matches_oracle("ext2.qcow2");
 }
 
 TEST(Qcow2SourceTest, ExtendedL2OverlayReadsUnallocatedSubclustersFromBacking) {
   Qcow2Fixture& f = Qcow2Fixture::get();
   f.convert("extbase.qcow2", "");
-  ASSERT_TRUE(run(f.dir(),
-                  "qemu-img create -f qcow2 -o extended_l2=on -F qcow2 -b extbase.qcow2 "
-                  "extover.qcow2"));
-  ASSERT_TRUE(run(f.dir(),
-                  "qemu-io -c 'write -P 0x5a 66k 3k' -c 'write -z 200k 8k' "
-                  "-c 'write -P 0x66 1M 64k' extover.qcow2"));
+  ASSERT_TRUE(run_in(f.dir(),
+                     "qemu-img create -f qcow2 -o extended_l2=on -F qcow2 -b extbase.qcow2 "
+                     "extover.qcow2"));
+  ASSERT_TRUE(run_in(f.dir(),
+                     "qemu-io -c 'write -P 0x5a 66k 3k' -c 'write -z 200k 8k' "
+                     "-c 'write -P 0x66 1M 64k' extover.qcow2"));
   expect_matches_oracle("extover.qcow2");
 }
 
@@ -382,22 +372,23 @@ TEST(Qcow2SourceTest, ThreeLevelChainAndLargerOverlayMatchQemu) {
 
 TEST(Qcow2SourceTest, RawBackingFileMatchesQemu) {
   Qcow2Fixture& f = Qcow2Fixture::get();
-  ASSERT_TRUE(run(f.dir(), "qemu-img create -f qcow2 -F raw -b base.raw overraw.qcow2"));
-  ASSERT_TRUE(run(f.dir(), "qemu-io -c 'write -P 0x5a 1M 64k' overraw.qcow2"));
+  ASSERT_TRUE(run_in(f.dir(), "qemu-img create -f qcow2 -F raw -b base.raw overraw.qcow2"));
+  ASSERT_TRUE(run_in(f.dir(), "qemu-io -c 'write -P 0x5a 1M 64k' overraw.qcow2"));
   expect_matches_oracle("overraw.qcow2", {}, /*exact_map=*/false);
 }
 
 TEST(Qcow2SourceTest, BackingFileNeedsASiblingOpener) {
   Qcow2Fixture& f = Qcow2Fixture::get();
   f.convert("base.qcow2", "");
-  ASSERT_TRUE(run(f.dir(), "qemu-img create -f qcow2 -F qcow2 -b base.qcow2 lonely.qcow2"));
+  ASSERT_TRUE(run_in(f.dir(), "qemu-img create -f qcow2 -F qcow2 -b base.qcow2 lonely.qcow2"));
   Result<std::unique_ptr<BlockSource>> opened =
       open_qcow2(std::make_unique<MemorySource>(read_file(f.dir() / "lonely.qcow2"), "image"), {});
   ASSERT_FALSE(opened.ok());
   EXPECT_EQ(opened.status().code(), StatusCode::kNotSupported);
   EXPECT_NE(opened.status().message().find("base.qcow2"), std::string::npos);
 
-  ASSERT_TRUE(run(f.dir(), "qemu-img create -f qcow2 -u -F qcow2 -b gone.qcow2 orphan.qcow2 1M"));
+  ASSERT_TRUE(
+      run_in(f.dir(), "qemu-img create -f qcow2 -u -F qcow2 -b gone.qcow2 orphan.qcow2 1M"));
   opened = open_file("orphan.qcow2");
   ASSERT_FALSE(opened.ok());
   EXPECT_EQ(opened.status().code(), StatusCode::kNotFound);
@@ -406,15 +397,17 @@ TEST(Qcow2SourceTest, BackingFileNeedsASiblingOpener) {
 
 TEST(Qcow2SourceTest, BackingCycleIsCorruption) {
   Qcow2Fixture& f = Qcow2Fixture::get();
-  ASSERT_TRUE(run(f.dir(), "qemu-img create -f qcow2 -u -F qcow2 -b cyc-b.qcow2 cyc-a.qcow2 1M"));
-  ASSERT_TRUE(run(f.dir(), "qemu-img create -f qcow2 -u -F qcow2 -b cyc-a.qcow2 cyc-b.qcow2 1M"));
+  ASSERT_TRUE(
+      run_in(f.dir(), "qemu-img create -f qcow2 -u -F qcow2 -b cyc-b.qcow2 cyc-a.qcow2 1M"));
+  ASSERT_TRUE(
+      run_in(f.dir(), "qemu-img create -f qcow2 -u -F qcow2 -b cyc-a.qcow2 cyc-b.qcow2 1M"));
   Result<std::unique_ptr<BlockSource>> opened = open_file("cyc-a.qcow2");
   ASSERT_FALSE(opened.ok());
   EXPECT_EQ(opened.status().code(), StatusCode::kCorruption);
   EXPECT_NE(opened.status().message().find("qcow2 backing chain has a cycle"), std::string::npos)
       << opened.status().to_string();
   // An image naming itself (qemu-img refuses to make one: rename the backing file in the header).
-  ASSERT_TRUE(run(f.dir(), "qemu-img create -f qcow2 -u -F qcow2 -b xelf.qcow2 self.qcow2 1M"));
+  ASSERT_TRUE(run_in(f.dir(), "qemu-img create -f qcow2 -u -F qcow2 -b xelf.qcow2 self.qcow2 1M"));
   std::vector<std::byte> self = read_file(f.dir() / "self.qcow2");
   const uint64_t name_at = load_be64(self.data() + 8);
   ASSERT_EQ(self[name_at], std::byte{'x'});
@@ -671,14 +664,15 @@ TEST(Qcow2SourceTest, UnsupportedFeaturesAreNotSupported) {
 
   // A qemu-made AES image (LUKS would be the same crypt_method check, but qemu-img spends seconds
   // of PBKDF2 making one).
-  ASSERT_TRUE(run(f.dir(),
-                  "qemu-img create --object secret,id=sec0,data=abc123 -f qcow2 "
-                  "-o encrypt.format=aes,encrypt.key-secret=sec0 aes.qcow2 1M"));
+  ASSERT_TRUE(run_in(f.dir(),
+                     "qemu-img create --object secret,id=sec0,data=abc123 -f qcow2 "
+                     "-o encrypt.format=aes,encrypt.key-secret=sec0 aes.qcow2 1M"));
   s = open_file("aes.qcow2").status();
   EXPECT_EQ(s.code(), StatusCode::kNotSupported);
   EXPECT_NE(s.message().find("encrypted qcow2"), std::string::npos) << s.to_string();
 
-  ASSERT_TRUE(run(f.dir(), "qemu-img create -f qcow2 -o data_file=ext-data.raw extdata.qcow2 1M"));
+  ASSERT_TRUE(
+      run_in(f.dir(), "qemu-img create -f qcow2 -o data_file=ext-data.raw extdata.qcow2 1M"));
   s = open_file("extdata.qcow2").status();
   EXPECT_EQ(s.code(), StatusCode::kNotSupported);
   EXPECT_NE(s.message().find("external data file ('ext-data.raw')"), std::string::npos)
@@ -693,7 +687,7 @@ TEST(Qcow2SourceTest, UnsupportedFeaturesAreNotSupported) {
 TEST(Qcow2SourceTest, HeaderScanAsksForMoreBytesWhenExtensionsRunOn) {
   Qcow2Fixture& f = Qcow2Fixture::get();
   f.convert("base.qcow2", "");
-  ASSERT_TRUE(run(f.dir(), "qemu-img create -f qcow2 -F qcow2 -b base.qcow2 scan.qcow2"));
+  ASSERT_TRUE(run_in(f.dir(), "qemu-img create -f qcow2 -F qcow2 -b base.qcow2 scan.qcow2"));
   const std::vector<std::byte> overlay = read_file(f.dir() / "scan.qcow2");
 
   Result<Qcow2HeaderScan> scan = scan_qcow2_header(std::span(overlay).first(50), overlay.size());

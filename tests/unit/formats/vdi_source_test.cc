@@ -17,6 +17,7 @@
 
 #include "formats/byte_order.h"
 #include "formats/memory_source.h"
+#include "tests/support/file_fixtures.h"
 #include "tests/support/test_sources.h"
 
 namespace imgfs::formats {
@@ -24,26 +25,14 @@ namespace {
 
 using testing::CountingSource;
 using testing::pattern_bytes;
+using testing::read_file;
+using testing::run_in;
 
 namespace fs = std::filesystem;
 
 constexpr uint64_t kMiB = 1024 * 1024;
 constexpr uint64_t kBlock = kMiB;  // qemu's VDI block size
 constexpr uint64_t kRawSize = 9 * kMiB + 3584;
-
-std::vector<std::byte> read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::vector<std::byte> bytes(fs::file_size(path));
-  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  EXPECT_TRUE(in.good()) << path;
-  return bytes;
-}
-
-// Runs a shell command in `dir`, quietly; true on exit status 0.
-bool run(const fs::path& dir, const std::string& command) {
-  const std::string line = "cd '" + dir.string() + "' && " + command + " >/dev/null 2>&1";
-  return std::system(line.c_str()) == 0;
-}
 
 // A sparse raw disk: data runs, written zeros and holes at odd offsets. Blocks 4, 5 and 7
 // ([4, 6) MiB and [7, 8) MiB) hold no data, so a dynamic VDI leaves them unallocated.
@@ -79,8 +68,8 @@ class VdiFixture {
   std::pair<std::vector<std::byte>, std::vector<std::byte>> image_and_oracle(
       const std::string& name, const std::string& options) {
     if (!fs::exists(dir_ / name)) {
-      EXPECT_TRUE(run(dir_, "qemu-img convert -f raw -O vdi " + options + " base.raw " + name));
-      EXPECT_TRUE(run(dir_, "qemu-img convert -f vdi -O raw " + name + " " + name + ".raw"));
+      EXPECT_TRUE(run_in(dir_, "qemu-img convert -f raw -O vdi " + options + " base.raw " + name));
+      EXPECT_TRUE(run_in(dir_, "qemu-img convert -f vdi -O raw " + name + " " + name + ".raw"));
     }
     return {read_file(dir_ / name), read_file(dir_ / (name + ".raw"))};
   }

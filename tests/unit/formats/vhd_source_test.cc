@@ -17,6 +17,7 @@
 
 #include "formats/byte_order.h"
 #include "formats/memory_source.h"
+#include "tests/support/file_fixtures.h"
 #include "tests/support/test_sources.h"
 
 namespace imgfs::formats {
@@ -24,6 +25,8 @@ namespace {
 
 using testing::CountingSource;
 using testing::pattern_bytes;
+using testing::read_file;
+using testing::run_in;
 
 namespace fs = std::filesystem;
 
@@ -31,20 +34,6 @@ constexpr uint64_t kMiB = 1024 * 1024;
 constexpr uint64_t kBlock = 2 * kMiB;  // qemu's VHD block size
 // Not a multiple of the block size; a whole number of sectors, as VHD sizes are.
 constexpr uint64_t kRawSize = 9 * kMiB + 3584;
-
-std::vector<std::byte> read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::vector<std::byte> bytes(fs::file_size(path));
-  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  EXPECT_TRUE(in.good()) << path;
-  return bytes;
-}
-
-// Runs a shell command in `dir`, quietly; true on exit status 0.
-bool run(const fs::path& dir, const std::string& command) {
-  const std::string line = "cd '" + dir.string() + "' && " + command + " >/dev/null 2>&1";
-  return std::system(line.c_str()) == 0;
-}
 
 // Writes a sparse raw disk of `size` bytes: data runs (from `seed`), written zeros, and holes
 // never written, at odd offsets; whole 2 MiB blocks [4 MiB, 6 MiB) and [6 MiB + 2 KiB, 9 MiB -
@@ -83,7 +72,7 @@ class VhdFixture {
   fs::path make(const std::string& name, const std::string& command) {
     const fs::path path = dir_ / name;
     if (!fs::exists(path)) {
-      EXPECT_TRUE(run(dir_, command)) << command;
+      EXPECT_TRUE(run_in(dir_, command)) << command;
     }
     return path;
   }
