@@ -262,6 +262,13 @@ GzipSource::~GzipSource() = default;
 Status GzipSource::read_at(uint64_t offset, std::span<std::byte> out) const {
   if (Status s = check_read_range(*this, offset, out.size()); !s.ok()) return s;
   const uint64_t end = offset + out.size();
+  if (size_ > 0 && size_ - end <= options_.finish_tail_bytes) {
+    // Near the end, the stream is finished first, whoever is advancing the frontier: the last
+    // byte is published only after the end-of-stream checks (CRC32, ISIZE, SHA1) passed.
+    std::byte last;
+    Result<uint64_t> finished = read_some(size_ - 1, size_, std::span(&last, 1));
+    if (!finished.ok()) return finished.status();
+  }
   uint64_t pos = offset;
   while (pos < end) {
     Result<uint64_t> copied = read_some(pos, end, out.subspan(pos - offset));
@@ -424,7 +431,6 @@ GzipIndexSnapshot GzipSource::snapshot_index() const {
 bool GzipSource::used_initial_index() const { return used_initial_index_; }
 
 Status GzipSource::advance_until(uint64_t target) const {
-  if (size_ - target <= options_.finish_tail_bytes) target = size_;
   Frontier& f = *frontier_;
   while (f.published < target) {
     if (f.state == Frontier::State::kDone) {

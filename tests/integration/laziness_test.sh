@@ -38,6 +38,8 @@ unmount "$M"
 # The full reads built the gzip index, saved in the cache folder: a new mount with the same
 # cache folder (whose block cache holds only 1 MiB) reads far into the image from the nearest
 # checkpoint instead of inflating from the start.
+# (The daemon saves it on release and at unmount, both after the reader or fusermount returns.)
+for _ in $(seq 1 50); do ls "$WORK/cache-lazy/index/"*.gzi >/dev/null 2>&1 && break; sleep 0.2; done
 ls "$WORK/cache-lazy/index/"*.gzi >/dev/null 2>&1 || fail "no saved gzip index"
 MI="$WORK/mnt-index"
 mount_bucket "$B" "$MI" lazy --key "$WORK/cloud-pk.pem" --cache-size 1M
