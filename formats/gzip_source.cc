@@ -536,16 +536,21 @@ Status GzipSource::step_body() const {
     Result<std::vector<std::byte>> packed = pack_window(window);
     if (!packed.ok()) return fail(packed.status().with_context(describe()));
     checkpoint.packed_window = std::move(*packed);
-    publication.checkpoint = std::move(checkpoint);
-    publication.completed_span_crc = f.span_crc;
-    f.span = std::make_shared<Span>();
-    f.span_start = f.out_total;
-    f.span_crc = crc32_of(0, {});
-    f.piece = nullptr;
-    publication.next_span = f.span;
+    start_span(std::move(checkpoint), publication);
   }
   publish(std::move(publication));
   return Status::OK();
+}
+
+void GzipSource::start_span(GzipCheckpoint checkpoint, Publication& publication) const {
+  Frontier& f = *frontier_;
+  publication.checkpoint = std::move(checkpoint);
+  publication.completed_span_crc = f.span_crc;
+  f.span = std::make_shared<Span>();
+  f.span_start = f.out_total;
+  f.span_crc = crc32_of(0, {});
+  f.piece = nullptr;
+  publication.next_span = f.span;
 }
 
 Status GzipSource::step_trailer() const {
@@ -622,13 +627,7 @@ Status GzipSource::step_next_member() const {
   GzipCheckpoint checkpoint;
   checkpoint.out_offset = f.out_total;
   checkpoint.in_offset = f.in_end;
-  publication.checkpoint = std::move(checkpoint);
-  publication.completed_span_crc = f.span_crc;
-  f.span = std::make_shared<Span>();
-  f.span_start = f.out_total;
-  f.span_crc = crc32_of(0, {});
-  f.piece = nullptr;
-  publication.next_span = f.span;
+  start_span(std::move(checkpoint), publication);
   publish(std::move(publication));
   return Status::OK();
 }

@@ -147,6 +147,9 @@ class GzipSource final : public BlockSource {
                                                   uint32_t span_crc) const;
   // Publishes frontier progress under mu_ and wakes waiters.
   void publish(Publication publication) const;
+  // Frontier only: ends the current span at `checkpoint` and opens the next, recording both
+  // in `publication` for publish().
+  void start_span(GzipCheckpoint checkpoint, Publication& publication) const;
   // Makes the frontier failure sticky and returns it.
   Status fail(Status status) const;
 
