@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 namespace imgfs::testing {
 
 std::vector<std::byte> pattern_bytes(uint64_t length, uint32_t seed) {
@@ -28,6 +30,15 @@ Status FaultySource::read_at(uint64_t offset, std::span<std::byte> out) const {
   const uint64_t end = offset + out.size();
   if (offset < fail_offset_ + fail_length_ && fail_offset_ < end) return error_;
   return lower_->read_at(offset, out);
+}
+
+void expect_read(const BlockSource& source, const std::vector<std::byte>& reference,
+                 uint64_t offset, uint64_t length) {
+  std::vector<std::byte> out(length);
+  Status s = source.read_at(offset, out);
+  ASSERT_TRUE(s.ok()) << s.to_string() << " at " << offset << "+" << length;
+  ASSERT_TRUE(length == 0 || std::memcmp(out.data(), reference.data() + offset, length) == 0)
+      << "at " << offset << "+" << length;
 }
 
 std::vector<std::byte> read_all(const BlockSource& source) {

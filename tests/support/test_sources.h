@@ -56,6 +56,11 @@ class FaultySource final : public BlockSource {
   const Status error_;
 };
 
+// Reads [offset, offset + length) of `source` and expects it to equal the same range of
+// `reference` (a gtest failure naming the range otherwise).
+void expect_read(const BlockSource& source, const std::vector<std::byte>& reference,
+                 uint64_t offset, uint64_t length);
+
 // Reads all of `source` into memory (for comparisons against a reference).
 std::vector<std::byte> read_all(const BlockSource& source);
 

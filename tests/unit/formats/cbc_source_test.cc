@@ -12,6 +12,8 @@
 namespace imgfs::formats {
 namespace {
 
+using testing::expect_read;
+
 using imgfs::testing::CountingSource;
 using imgfs::testing::FaultySource;
 using imgfs::testing::pattern_bytes;
@@ -41,15 +43,6 @@ std::vector<std::byte> encrypt(const std::vector<std::byte>& plain, const CbcOpt
   EVP_CIPHER_CTX_free(ctx);
   cipher.resize(static_cast<size_t>(written + final_written));
   return cipher;
-}
-
-void expect_read(const BlockSource& source, const std::vector<std::byte>& ref, uint64_t offset,
-                 uint64_t length) {
-  std::vector<std::byte> out(length);
-  Status s = source.read_at(offset, out);
-  ASSERT_TRUE(s.ok()) << s.to_string() << " at " << offset << "+" << length;
-  ASSERT_TRUE(length == 0 || std::memcmp(out.data(), ref.data() + offset, length) == 0)
-      << "at " << offset << "+" << length;
 }
 
 class CbcSourceLengthTest : public ::testing::TestWithParam<uint64_t> {};

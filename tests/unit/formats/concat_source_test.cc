@@ -11,6 +11,8 @@
 namespace imgfs::formats {
 namespace {
 
+using testing::expect_read;
+
 using imgfs::testing::FaultySource;
 using imgfs::testing::pattern_bytes;
 
@@ -27,15 +29,6 @@ std::vector<std::byte> make_parts(const std::vector<uint64_t>& sizes,
     at += s;
   }
   return all;
-}
-
-void expect_read(const BlockSource& source, const std::vector<std::byte>& ref, uint64_t offset,
-                 uint64_t length) {
-  std::vector<std::byte> out(length);
-  Status s = source.read_at(offset, out);
-  ASSERT_TRUE(s.ok()) << s.to_string() << " at " << offset << "+" << length;
-  ASSERT_TRUE(length == 0 || std::memcmp(out.data(), ref.data() + offset, length) == 0)
-      << "at " << offset << "+" << length;
 }
 
 // Reads around every part boundary, from a few bytes before to a few bytes after, plus 0,

@@ -15,6 +15,8 @@
 namespace imgfs::formats {
 namespace {
 
+using testing::expect_read;
+
 using imgfs::testing::FaultySource;
 using imgfs::testing::pattern_bytes;
 
@@ -145,15 +147,6 @@ std::string pax_record(const std::string& key, const std::string& value) {
 
 Result<std::unique_ptr<TarMemberSource>> open_bytes(const std::vector<std::byte>& bytes) {
   return open_tar_member(std::make_unique<MemorySource>(bytes, "tarball"));
-}
-
-void expect_read(const BlockSource& source, const std::vector<std::byte>& ref, uint64_t offset,
-                 uint64_t length) {
-  std::vector<std::byte> out(length);
-  Status s = source.read_at(offset, out);
-  ASSERT_TRUE(s.ok()) << s.to_string() << " at " << offset << "+" << length;
-  ASSERT_TRUE(length == 0 || std::memcmp(out.data(), ref.data() + offset, length) == 0)
-      << "at " << offset << "+" << length;
 }
 
 // Reads at 0, the end, every 512-byte boundary (and `extra_boundaries`), whole and random.

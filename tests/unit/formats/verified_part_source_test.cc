@@ -13,6 +13,8 @@
 namespace imgfs::formats {
 namespace {
 
+using testing::expect_read;
+
 using imgfs::testing::CountingSource;
 using imgfs::testing::FaultySource;
 using imgfs::testing::pattern_bytes;
@@ -43,15 +45,6 @@ Part make_part(VerifiedPartPool& pool, uint64_t size, uint32_t seed, bool corrup
   EXPECT_TRUE(opened.ok()) << opened.status().to_string();
   part.source = std::move(*opened);
   return part;
-}
-
-void expect_read(const BlockSource& source, const std::vector<std::byte>& ref, uint64_t offset,
-                 uint64_t length) {
-  std::vector<std::byte> out(length);
-  Status s = source.read_at(offset, out);
-  ASSERT_TRUE(s.ok()) << s.to_string() << " at " << offset << "+" << length;
-  ASSERT_TRUE(length == 0 || std::memcmp(out.data(), ref.data() + offset, length) == 0)
-      << "at " << offset << "+" << length;
 }
 
 TEST(VerifiedPartSourceTest, ReadsMatchAndFetchOnce) {
