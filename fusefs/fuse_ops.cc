@@ -10,6 +10,7 @@
 #include <exception>
 #include <vector>
 
+#include "formats/extent_seek.h"
 #include "fusefs/errno_map.h"
 
 namespace imgfs::fusefs {
@@ -219,6 +220,45 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, fuse_file_in
   });
 }
 
+// SEEK_DATA and SEEK_HOLE (the kernel answers the other whences itself), from the format's
+// allocation map: sparse-aware copiers skip holes without reading them.
+void op_lseek(fuse_req_t req, fuse_ino_t, off_t offset, int whence, fuse_file_info* fi) {
+  guarded(req, "lseek", [&] {
+    auto* handle = reinterpret_cast<FileHandle*>(fi->fh);
+    if ((whence != SEEK_DATA && whence != SEEK_HOLE) || offset < 0) {
+      fuse_reply_err(req, EINVAL);
+      return;
+    }
+    if (!handle->entry) {
+      // stats.json: all data.
+      const uint64_t size = handle->snapshot.size();
+      if (static_cast<uint64_t>(offset) >= size) {
+        fuse_reply_err(req, ENXIO);
+      } else {
+        fuse_reply_lseek(req, whence == SEEK_DATA ? offset : static_cast<off_t>(size));
+      }
+      return;
+    }
+    if (!handle->source) {
+      fuse_reply_err(req, EIO);  // the chain failed to open; its reads answer EIO too
+      return;
+    }
+    auto found = formats::seek_extent(
+        *handle->source, static_cast<uint64_t>(offset),
+        whence == SEEK_DATA ? formats::SeekTarget::kData : formats::SeekTarget::kHole);
+    if (!found.ok()) {
+      if (found.status().code() == StatusCode::kNotFound) {
+        fuse_reply_err(req, ENXIO);
+        return;
+      }
+      context(req).log.error_once(handle->path + ": seek: " + found.status().to_string());
+      fuse_reply_err(req, errno_for_read(found.status()));
+      return;
+    }
+    fuse_reply_lseek(req, static_cast<off_t>(*found));
+  });
+}
+
 void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
   auto* handle = reinterpret_cast<FileHandle*>(fi->fh);
   const bool was_image = handle->entry && handle->entry->kind == NodeKind::kImage;
@@ -257,6 +297,7 @@ const fuse_lowlevel_ops& imgfs_fuse_operations() {
     o.open = op_open;
     o.read = op_read;
     o.release = op_release;
+    o.lseek = op_lseek;
     o.statfs = op_statfs;
     o.setattr = [](fuse_req_t req, fuse_ino_t, struct stat*, int, fuse_file_info*) {
       reply_erofs(req);
