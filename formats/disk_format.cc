@@ -32,12 +32,10 @@ std::string_view disk_format_name(DiskFormat format) {
   return "unknown";
 }
 
-Result<DiskFormat> detect_disk_format(const BlockSource& source) {
-  const uint64_t size = source.size();
-  std::vector<std::byte> head(std::min(size, kHeadBytes));
-  if (Status s = source.read_at(0, head); !s.ok()) return s;
-  std::vector<std::byte> tail(std::min(size, kTailBytes));
-  if (Status s = source.read_at(size - tail.size(), tail); !s.ok()) return s;
+namespace {
+
+// The format whose probe scores highest on `head` and `tail` (tail may be empty).
+DiskFormat best_format(std::span<const std::byte> head, std::span<const std::byte> tail) {
   const std::pair<DiskFormat, int> scores[] = {
       {DiskFormat::kQcow2, probe_qcow2(head)}, {DiskFormat::kVmdk, probe_vmdk(head)},
       {DiskFormat::kVhdx, probe_vhdx(head)},   {DiskFormat::kVdi, probe_vdi(head)},
@@ -52,6 +50,23 @@ Result<DiskFormat> detect_disk_format(const BlockSource& source) {
     }
   }
   return best;
+}
+
+}  // namespace
+
+Result<DiskFormat> detect_disk_format(const BlockSource& source) {
+  const uint64_t size = source.size();
+  std::vector<std::byte> head(std::min(size, kHeadBytes));
+  if (Status s = source.read_at(0, head); !s.ok()) return s;
+  std::vector<std::byte> tail(std::min(size, kTailBytes));
+  if (Status s = source.read_at(size - tail.size(), tail); !s.ok()) return s;
+  return best_format(head, tail);
+}
+
+Result<DiskFormat> detect_disk_format_by_head(const BlockSource& source) {
+  std::vector<std::byte> head(std::min(source.size(), kHeadBytes));
+  if (Status s = source.read_at(0, head); !s.ok()) return s;
+  return best_format(head, {});
 }
 
 Result<std::unique_ptr<BlockSource>> open_disk_format(DiskFormat format,

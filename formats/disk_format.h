@@ -25,6 +25,11 @@ using SiblingOpener =
 // Errors: IOError from `source`.
 Result<DiskFormat> detect_disk_format(const BlockSource& source);
 
+// The same from the first 4 KiB only, for sources whose end is costly to reach (a tar member
+// in a gzip stream): a fixed VHD, known only by its footer at the end, stays raw. Thread-safe.
+// Errors: IOError from `source`.
+Result<DiskFormat> detect_disk_format_by_head(const BlockSource& source);
+
 // Stacks the layer for `format` over `image` (kRaw returns `image` itself).
 // Errors: those of the format's open_xxx.
 Result<std::unique_ptr<BlockSource>> open_disk_format(DiskFormat format,

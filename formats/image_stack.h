@@ -43,6 +43,9 @@ struct BundleStackOptions {
   std::vector<const PrivateKey*> keys;          // tried in order, ec2 then user key paths
   const Certificate* verify_cert = nullptr;     // when set, the signature must verify at open
   VerifiedPartPool* part_pool = nullptr;        // required: holds verified ciphertext
+  // False only to peek at the first bytes of an image cheaply (a few small range reads instead
+  // of whole parts): those bytes are unverified, a hint to check again on a verified chain.
+  bool verify_parts = true;
   uint64_t span_bytes = 1 << 20;                // gzip checkpoint spacing
   uint64_t span_cache_bytes = 16 << 20;         // decoded spans kept in memory per image
   // The bytes of a saved gzip index of this bundle, if one was kept (may be empty). Parsed as

@@ -394,6 +394,32 @@ int probe_vmdk(std::span<const std::byte> first_bytes) {
   return 0;
 }
 
+Result<std::vector<std::string>> vmdk_extent_files(const BlockSource& file) {
+  const uint64_t size = file.size();
+  std::array<std::byte, 4> magic{};
+  if (size >= magic.size()) {
+    if (Status s = file.read_at(0, magic); !s.ok()) return s;
+    if (std::memcmp(magic.data(), "KDMV", 4) == 0 || std::memcmp(magic.data(), "COWD", 4) == 0) {
+      return std::vector<std::string>{};
+    }
+  }
+  if (size > kVmdkMaxDescriptorBytes) {
+    return Status::Corruption("not a sparse extent and too large for a descriptor");
+  }
+  std::vector<std::byte> text(size);
+  if (Status s = file.read_at(0, text); !s.ok()) return s;
+  Result<VmdkDescriptor> descriptor = parse_vmdk_descriptor(
+      std::string_view(reinterpret_cast<const char*>(text.data()), text.size()));
+  if (!descriptor.ok()) return descriptor.status();
+  std::vector<std::string> names;
+  for (const VmdkExtentLine& extent : descriptor->extents) {
+    if (extent.file_name.empty()) continue;
+    if (Status s = check_vmdk_file_name(extent.file_name); !s.ok()) return s;
+    names.push_back(extent.file_name);
+  }
+  return names;
+}
+
 // One extent, with everything checked at open.
 struct VmdkSource::ExtentState {
   enum class Kind { kFlat, kSparse, kZero };

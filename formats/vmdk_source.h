@@ -120,6 +120,12 @@ Result<std::vector<uint32_t>> parse_vmdk_grain_directory(std::span<const std::by
 // (ESX vmfsSparse) scores 50: it is VMDK, but imgfs only reports it as NotSupported.
 int probe_vmdk(std::span<const std::byte> first_bytes);
 
+// The files a VMDK keeps its data in beside itself: the names on the extent lines of a text
+// descriptor (checked with check_vmdk_file_name); empty for a hosted sparse extent, whose data
+// is inside it. Reads the file (a descriptor is at most kVmdkMaxDescriptorBytes). Thread-safe.
+// Errors: IOError from `file`, Corruption / NotSupported from parsing.
+Result<std::vector<std::string>> vmdk_extent_files(const BlockSource& file);
+
 struct VmdkOptions {
   // Opens a file next to the image by the relative name the image stores (extent files,
   // parentFileNameHint); names are checked with check_vmdk_file_name first. May be empty: a

@@ -5,6 +5,7 @@
 #include "formats/gzip_index.h"
 #include "formats/gzip_source.h"
 #include "formats/image_stack.h"
+#include "formats/vmdk_source.h"
 #include "remote/object_source.h"
 
 namespace imgfs::fusefs {
@@ -59,8 +60,9 @@ bool split_path(const std::string& path, std::vector<std::string>& parts) {
 
 std::string entry_id(const remote::ObjectInfo& object) { return object.key + "\n" + object.etag; }
 
-// Objects smaller than this are never disk images (a VMDK descriptor is the smallest).
-constexpr uint64_t kMinimumProbeBytes = 512;
+// Objects smaller than this are never disk images (a VMDK descriptor is the smallest: a
+// version line, a createType line and one extent line).
+constexpr uint64_t kMinimumProbeBytes = 64;
 constexpr char kRawViewSuffix[] = ".raw";
 
 }  // namespace
@@ -130,12 +132,20 @@ Result<std::shared_ptr<const CatalogTree>> Catalog::list_and_build() {
         entry->size = image_size_of(*manifest);
         entry->manifest = std::move(manifest).value();
         const auto* import = std::get_if<formats::ImportManifest>(&*entry->manifest);
-        if (import != nullptr && import->file_format != formats::ImportFileFormat::kRaw) {
-          // A VMDK or VHD import's disk size is inside the format: open it now to learn it.
-          auto opened = opener_.open_import(object, *import, &entry->counters);
+        if (import == nullptr) {
+          // A peek failure (a wrong key, a missing part) shows again when the image is opened.
+          auto format = opener_.peek_member_format(object, *entry->manifest, &entry->counters);
+          if (format.ok()) entry->member_format = *format;
+        }
+        if (entry->member_format != formats::DiskFormat::kRaw ||
+            (import != nullptr && import->file_format != formats::ImportFileFormat::kRaw)) {
+          // A disk format's size is inside the format: open the image now to learn it.
+          auto opened = opener_.open_manifest(object, *entry->manifest, &entry->counters,
+                                              entry->member_format);
           if (opened.ok()) {
             entry->size = opened->source->size();
             entry->source = opened->source;
+            entry->gzip = opened->gzip;
             entry->cached = opened->cached;
           } else {
             entry->last_error = opened.status();
@@ -171,13 +181,21 @@ Result<std::shared_ptr<const CatalogTree>> Catalog::list_and_build() {
     hidden_keys.insert(object.key);
     placed.push_back(Placed{std::move(image_path), std::move(entry)});
   }
+  // Plain objects, and the raw views of those in a disk format, except of the extent files a
+  // VMDK descriptor names: the descriptor's view is that disk, shown once.
+  std::vector<Placed> views;
+  std::set<std::string> extent_keys;
   for (const remote::ObjectInfo& object : *listing) {
     if (hidden_keys.count(object.key) != 0) continue;
     const std::string path = object.key.substr(prefix_.size());
     placed.push_back(Placed{path, entry_for(object, NodeKind::kObject, path)});
     if (auto view = raw_view_for(object, path, known)) {
-      placed.push_back(Placed{path + kRawViewSuffix, std::move(view)});
+      extent_keys.insert(view->extent_keys.begin(), view->extent_keys.end());
+      views.push_back(Placed{path + kRawViewSuffix, std::move(view)});
     }
+  }
+  for (Placed& view : views) {
+    if (extent_keys.count(view.entry->object.key) == 0) placed.push_back(std::move(view));
   }
 
   std::lock_guard lock(mutex_);
@@ -252,6 +270,14 @@ std::shared_ptr<CatalogEntry> Catalog::raw_view_for(
   entry->kind = NodeKind::kImage;
   entry->object = object;
   entry->view_format = *format;
+  if (*format == formats::DiskFormat::kVmdk) {
+    auto names = formats::vmdk_extent_files(file);
+    if (names.ok()) {
+      for (const std::string& name : *names) {
+        entry->extent_keys.push_back(key_folder(object.key) + name);
+      }
+    }
+  }
   entry->counters.parent = &totals_;
   auto opened = opener_.open_disk_view(object, *format, &entry->counters);
   if (opened.ok()) {
@@ -299,7 +325,8 @@ Result<std::shared_ptr<const BlockSource>> Catalog::open_source(CatalogEntry& en
     opened = opener_.open_disk_view(entry.object, entry.view_format, &entry.counters);
   } else if (entry.kind == NodeKind::kImage) {
     if (entry.manifest) {
-      opened = opener_.open_manifest(entry.object, *entry.manifest, &entry.counters);
+      opened = opener_.open_manifest(entry.object, *entry.manifest, &entry.counters,
+                                     entry.member_format);
     } else {
       opened = entry.manifest_status;
     }
@@ -387,6 +414,11 @@ std::string Catalog::stats_json(const std::string& extra) const {
       out += "\"download\"";
     } else {
       out += "\"bundle\"";
+    }
+    if (entry.member_format != formats::DiskFormat::kRaw) {
+      out += ",\"bundled_format\":\"";
+      out += formats::disk_format_name(entry.member_format);
+      out += "\"";
     }
     std::lock_guard lock(entry.mutex);
     out += ",\"state\":";

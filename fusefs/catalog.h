@@ -33,6 +33,8 @@ struct CatalogEntry {
   remote::ObjectInfo object;          // the manifest, or the plain object
   std::optional<ParsedManifest> manifest;  // images whose manifest parsed
   formats::DiskFormat view_format = formats::DiskFormat::kRaw;  // raw views "K.raw" of object K
+  formats::DiskFormat member_format = formats::DiskFormat::kRaw;  // a disk image in a bundle
+  std::vector<std::string> extent_keys;  // files a VMDK view's descriptor keeps its data in
   Status manifest_status;                  // why it did not
   uint64_t size = 0;
   IoCounters counters;

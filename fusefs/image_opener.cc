@@ -63,22 +63,77 @@ Result<ParsedManifest> ImageOpener::read_manifest(
   return ParsedManifest(std::move(manifest).value());
 }
 
-Result<OpenedImage> ImageOpener::open_manifest(const remote::ObjectInfo& manifest_object,
-                                               const ParsedManifest& manifest,
-                                               IoCounters* counters) const {
+Result<formats::OpenedBundle> ImageOpener::open_bundle_chain(
+    const remote::ObjectInfo& manifest_object, const ParsedManifest& manifest,
+    const formats::BundleStackOptions& options, IoCounters* counters) const {
   if (const auto* bundle = std::get_if<formats::BundleManifest>(&manifest)) {
-    return open_bundle(manifest_object, *bundle, counters);
-  }
-  if (const auto* import = std::get_if<formats::ImportManifest>(&manifest)) {
-    return open_import(manifest_object, *import, counters);
+    const std::string folder = key_folder(manifest_object.key);
+    formats::PartOpener open_part =
+        [&](std::string_view filename) -> Result<std::unique_ptr<BlockSource>> {
+      auto info = store_.head(folder + std::string(filename));
+      if (!info.ok()) return info.status();
+      return std::unique_ptr<BlockSource>(
+          std::make_unique<remote::ObjectSource>(store_, std::move(info).value(), counters));
+    };
+    return formats::open_bundle_stack(*bundle, open_part, options);
   }
   formats::PartOpener open_part =
       [&](std::string_view url) -> Result<std::unique_ptr<BlockSource>> {
     return remote::open_url_source(store_, std::string(url), "download part", counters);
   };
-  return cache_bundle(formats::open_download_stack(std::get<formats::DownloadManifest>(manifest),
-                                                   open_part, bundle_options(manifest_object)),
-                      "download:", manifest_object, counters);
+  return formats::open_download_stack(std::get<formats::DownloadManifest>(manifest), open_part,
+                                      options);
+}
+
+Result<formats::DiskFormat> ImageOpener::peek_member_format(
+    const remote::ObjectInfo& manifest_object, const ParsedManifest& manifest,
+    IoCounters* counters) const {
+  if (std::holds_alternative<formats::ImportManifest>(manifest)) return formats::DiskFormat::kRaw;
+  formats::BundleStackOptions options = bundle_options(manifest_object);
+  options.verify_parts = false;
+  options.load_index = nullptr;
+  auto bundle = open_bundle_chain(manifest_object, manifest, options, counters);
+  if (!bundle.ok()) return bundle.status().with_context(manifest_object.key);
+  auto format = formats::detect_disk_format_by_head(*bundle->image);
+  if (!format.ok()) return format.status().with_context(manifest_object.key);
+  return *format;
+}
+
+Result<OpenedImage> ImageOpener::open_manifest(const remote::ObjectInfo& manifest_object,
+                                               const ParsedManifest& manifest,
+                                               IoCounters* counters,
+                                               formats::DiskFormat member_format) const {
+  if (const auto* import = std::get_if<formats::ImportManifest>(&manifest)) {
+    return open_import(manifest_object, *import, counters);
+  }
+  const std::string& name = manifest_object.key;
+  auto bundle =
+      open_bundle_chain(manifest_object, manifest, bundle_options(manifest_object), counters);
+  if (!bundle.ok()) return bundle.status().with_context(name);
+  std::string cache_id =
+      (std::holds_alternative<formats::BundleManifest>(manifest) ? "bundle:" : "download:") +
+      name;
+  std::unique_ptr<BlockSource> image = std::move(bundle->image);
+  if (member_format != formats::DiskFormat::kRaw) {
+    auto verified = formats::detect_disk_format_by_head(*image);
+    if (!verified.ok()) return verified.status().with_context(name);
+    if (*verified != member_format) {
+      return Status::Corruption(name + ": the bundled image is " +
+                                std::string(formats::disk_format_name(*verified)) +
+                                ", not the " +
+                                std::string(formats::disk_format_name(member_format)) +
+                                " its unverified first bytes showed");
+    }
+    // A bundled disk is one file: it has no siblings (backing files, extents) to open.
+    auto disk = formats::open_disk_format(member_format, std::move(image), {});
+    if (!disk.ok()) return disk.status().with_context(name);
+    image = std::move(disk).value();
+    cache_id = std::string(formats::disk_format_name(member_format)) + ":" + cache_id;
+  }
+  OpenedImage opened;
+  opened.gzip = bundle->gzip;
+  add_cache(std::move(image), cache_id, manifest_object.etag, counters, opened);
+  return opened;
 }
 
 Result<OpenedImage> ImageOpener::open_import(const remote::ObjectInfo& manifest_object,
@@ -171,34 +226,6 @@ formats::BundleStackOptions ImageOpener::bundle_options(
     };
   }
   return options;
-}
-
-Result<OpenedImage> ImageOpener::open_bundle(const remote::ObjectInfo& manifest_object,
-                                             const formats::BundleManifest& manifest,
-                                             IoCounters* counters) const {
-  const std::string folder = key_folder(manifest_object.key);
-  formats::PartOpener open_part =
-      [&](std::string_view filename) -> Result<std::unique_ptr<BlockSource>> {
-    auto info = store_.head(folder + std::string(filename));
-    if (!info.ok()) return info.status();
-    return std::unique_ptr<BlockSource>(
-        std::make_unique<remote::ObjectSource>(store_, std::move(info).value(), counters));
-  };
-  return cache_bundle(
-      formats::open_bundle_stack(manifest, open_part, bundle_options(manifest_object)),
-      "bundle:", manifest_object, counters);
-}
-
-Result<OpenedImage> ImageOpener::cache_bundle(Result<formats::OpenedBundle> bundle,
-                                              const std::string& kind,
-                                              const remote::ObjectInfo& manifest_object,
-                                              IoCounters* counters) const {
-  if (!bundle.ok()) return bundle.status().with_context(manifest_object.key);
-  OpenedImage opened;
-  opened.gzip = bundle->gzip;
-  add_cache(std::move(bundle->image), kind + manifest_object.key, manifest_object.etag, counters,
-            opened);
-  return opened;
 }
 
 Result<OpenedImage> ImageOpener::open_object(const remote::ObjectInfo& object,

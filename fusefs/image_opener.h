@@ -62,9 +62,19 @@ class ImageOpener {
   Result<ParsedManifest> read_manifest(const remote::ObjectInfo& manifest_object) const;
 
   // Opens the image a parsed manifest describes (a bundle, an import, or a download manifest's
-  // bundle, whose parts are fetched by get-url). Thread-safe.
-  Result<OpenedImage> open_manifest(const remote::ObjectInfo& manifest_object,
-                                    const ParsedManifest& manifest, IoCounters* counters) const;
+  // bundle, whose parts are fetched by get-url). A bundle whose image is in a disk format
+  // (`member_format`, from peek_member_format) gets that format's layer, so it reads raw; the
+  // verified image must then start the same way, or the open fails with Corruption. Thread-safe.
+  Result<OpenedImage> open_manifest(
+      const remote::ObjectInfo& manifest_object, const ParsedManifest& manifest,
+      IoCounters* counters, formats::DiskFormat member_format = formats::DiskFormat::kRaw) const;
+
+  // The disk format of the image inside a bundle or download manifest's bundle (kRaw for
+  // imports), from its first 4 KiB read without verifying the parts: a few small range reads
+  // instead of whole parts. Only a hint; open_manifest checks it on verified bytes. Thread-safe.
+  Result<formats::DiskFormat> peek_member_format(const remote::ObjectInfo& manifest_object,
+                                                 const ParsedManifest& manifest,
+                                                 IoCounters* counters) const;
 
   // Opens an imported disk: its parts by key in the bucket, or by their pre-signed get-url
   // when the key is not there, concatenated by byte range. Formats other than RAW are
@@ -73,11 +83,6 @@ class ImageOpener {
                                   const formats::ImportManifest& manifest,
                                   IoCounters* counters) const;
 
-  // Opens the bundle described by `manifest`, whose parts sit beside the manifest object.
-  // `counters` (may be null) receives fetch and cache counts. Thread-safe.
-  Result<OpenedImage> open_bundle(const remote::ObjectInfo& manifest_object,
-                                  const formats::BundleManifest& manifest,
-                                  IoCounters* counters) const;
 
   // Opens the raw view of a plain object in a disk image format (qcow2, VMDK, VHD, VHDX, VDI),
   // its siblings (backing files, extents, parents) found beside it. Thread-safe.
@@ -94,11 +99,11 @@ class ImageOpener {
   // Options for a bundle chain; its saved gzip index, if any, is looked up by index_id().
   formats::BundleStackOptions bundle_options(const remote::ObjectInfo& manifest_object) const;
 
-  // Puts the cache on an opened bundle chain; `kind` ("bundle:", "download:") starts its cache
-  // identity. Errors are named by the manifest's key.
-  Result<OpenedImage> cache_bundle(Result<formats::OpenedBundle> bundle, const std::string& kind,
-                                   const remote::ObjectInfo& manifest_object,
-                                   IoCounters* counters) const;
+  // Opens the bundle chain of a bundle or download manifest, its parts verified or not.
+  Result<formats::OpenedBundle> open_bundle_chain(const remote::ObjectInfo& manifest_object,
+                                                  const ParsedManifest& manifest,
+                                                  const formats::BundleStackOptions& options,
+                                                  IoCounters* counters) const;
 
   // Puts the cache on top of `chain` (when there is one) and fills opened.source/cached.
   void add_cache(std::unique_ptr<BlockSource> chain, const std::string& source_id,

@@ -629,6 +629,13 @@ TEST(VmdkSourceTest, MultiExtentDescriptorMatchesQemu) {
   Result<std::unique_ptr<BlockSource>> opened = f.open();
   ASSERT_TRUE(opened.ok()) << opened.status().to_string();
   EXPECT_EQ(4u, dynamic_cast<const VmdkSource&>(**opened).extent_count());
+  auto extent_files = vmdk_extent_files(MemorySource(read_file(f.path())));
+  ASSERT_TRUE(extent_files.ok()) << extent_files.status().to_string();
+  EXPECT_EQ((std::vector<std::string>{"a-flat.bin", "b-flat.bin", "sub/s.vmdk", "a-flat.bin"}),
+            *extent_files);
+  auto sparse_extents = vmdk_extent_files(MemorySource(read_file(dir / "sub" / "s.vmdk")));
+  ASSERT_TRUE(sparse_extents.ok());
+  EXPECT_TRUE(sparse_extents->empty());
   // qemu skips RDONLY extents, so compare that part with the expected bytes, and a copy of
   // the descriptor with RW everywhere with qemu.
   Bytes expected(a.begin(), a.begin() + 3000 * 512);
