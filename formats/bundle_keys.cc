@@ -197,6 +197,32 @@ Status verify_rsa_pkcs1_hex(const EVP_MD* md, const char* algorithm, const Certi
   return Status::OK();
 }
 
+// The lowercase hex RSA PKCS#1 v1.5 signature with digest `md` (named `algorithm` in errors)
+// of `text`.
+Result<std::string> sign_rsa_pkcs1_hex(const EVP_MD* md, const char* algorithm,
+                                       const PrivateKey& key, std::string_view text) {
+  ERR_clear_error();
+  std::unique_ptr<EVP_MD_CTX, MdCtxFree> ctx(EVP_MD_CTX_new());
+  EVP_PKEY_CTX* pkey_ctx = nullptr;  // Owned by ctx.
+  if (ctx == nullptr ||
+      EVP_DigestSignInit(ctx.get(), &pkey_ctx, md, nullptr, key.evp_pkey()) != 1 ||
+      EVP_PKEY_CTX_set_rsa_padding(pkey_ctx, RSA_PKCS1_PADDING) != 1) {
+    return Status::NotSupported(std::string(algorithm) +
+                                " signing is unavailable: " + openssl_error());
+  }
+  const auto* data = reinterpret_cast<const unsigned char*>(text.data());
+  size_t length = 0;
+  if (EVP_DigestSign(ctx.get(), nullptr, &length, data, text.size()) != 1) {
+    return Status::IOError("OpenSSL sign: " + openssl_error());
+  }
+  std::vector<uint8_t> signature(length);
+  if (EVP_DigestSign(ctx.get(), signature.data(), &length, data, text.size()) != 1) {
+    return Status::IOError("OpenSSL sign: " + openssl_error());
+  }
+  signature.resize(length);
+  return hex_encode(signature);
+}
+
 }  // namespace
 
 Result<PrivateKey> PrivateKey::load_file(const std::string& path) {
@@ -347,25 +373,11 @@ Result<std::string> wrap_bundle_secret(const Certificate& certificate,
 }
 
 Result<std::string> sign_bundle_text(const PrivateKey& key, std::string_view text) {
-  ERR_clear_error();
-  std::unique_ptr<EVP_MD_CTX, MdCtxFree> ctx(EVP_MD_CTX_new());
-  EVP_PKEY_CTX* pkey_ctx = nullptr;  // Owned by ctx.
-  if (ctx == nullptr ||
-      EVP_DigestSignInit(ctx.get(), &pkey_ctx, EVP_sha1(), nullptr, key.evp_pkey()) != 1 ||
-      EVP_PKEY_CTX_set_rsa_padding(pkey_ctx, RSA_PKCS1_PADDING) != 1) {
-    return Status::NotSupported("SHA1withRSA signing is unavailable: " + openssl_error());
-  }
-  const auto* data = reinterpret_cast<const unsigned char*>(text.data());
-  size_t length = 0;
-  if (EVP_DigestSign(ctx.get(), nullptr, &length, data, text.size()) != 1) {
-    return Status::IOError("OpenSSL sign: " + openssl_error());
-  }
-  std::vector<uint8_t> signature(length);
-  if (EVP_DigestSign(ctx.get(), signature.data(), &length, data, text.size()) != 1) {
-    return Status::IOError("OpenSSL sign: " + openssl_error());
-  }
-  signature.resize(length);
-  return hex_encode(signature);
+  return sign_rsa_pkcs1_hex(EVP_sha1(), "SHA1withRSA", key, text);
+}
+
+Result<std::string> sign_sha256_rsa_text(const PrivateKey& key, std::string_view text) {
+  return sign_rsa_pkcs1_hex(EVP_sha256(), "SHA256withRSA", key, text);
 }
 
 }  // namespace imgfs::formats

@@ -121,4 +121,9 @@ Result<std::string> wrap_bundle_secret(const Certificate& certificate,
 // Errors: IOError (OpenSSL failure), NotSupported (SHA1 signatures refused by policy).
 Result<std::string> sign_bundle_text(const PrivateKey& key, std::string_view text);
 
+// The lowercase hex SHA256withRSA (PKCS#1 v1.5) signature of `text`: what
+// verify_sha256_rsa_signature checks. Deterministic for a given key and text. Thread-safe.
+// Errors: IOError (OpenSSL failure), NotSupported (SHA-256 RSA signatures unavailable).
+Result<std::string> sign_sha256_rsa_text(const PrivateKey& key, std::string_view text);
+
 }  // namespace imgfs::formats

@@ -113,6 +113,11 @@ bool time_to_utc(std::time_t when, std::tm* out) { return ::gmtime_r(&when, out)
 
 }  // namespace
 
+Result<std::string> payload_sha256_hex(std::span<const std::byte> payload) {
+  return sha256_hex(
+      std::string_view(reinterpret_cast<const char*>(payload.data()), payload.size()));
+}
+
 std::string uri_encode(std::string_view text, bool keep_slash) {
   std::string out;
   out.reserve(text.size());

@@ -6,7 +6,9 @@
 // are unit tests.
 #pragma once
 
+#include <cstddef>
 #include <ctime>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -23,6 +25,11 @@ using HeaderList = std::vector<std::pair<std::string, std::string>>;
 inline constexpr std::string_view kEmptyPayloadSha256 =
     "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 inline constexpr std::string_view kUnsignedPayload = "UNSIGNED-PAYLOAD";
+
+// The lower-case hex SHA-256 of a request body: the x-amz-content-sha256 (and SigV4 payload
+// hash) of a PUT, which lets the server refuse a body changed in transit. Thread-safe.
+// Errors: IOError if OpenSSL fails.
+Result<std::string> payload_sha256_hex(std::span<const std::byte> payload);
 
 // Percent-encodes every byte except the unreserved A-Z a-z 0-9 - _ . ~ with upper-case hex,
 // as SigV4 requires; '/' is kept when `keep_slash` (an object key in a path). A space becomes

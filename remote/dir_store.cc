@@ -228,6 +228,80 @@ Status DirStore::read_range(const ObjectInfo& object, uint64_t offset,
   return Status::OK();
 }
 
+Status DirStore::put(const std::string& key, std::span<const std::byte> bytes) const {
+  if (Status s = check_key(key); !s.ok()) return s;
+  FdCloser dir{::open(root_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)};
+  if (dir.fd < 0) return Status::IOError("open " + root_ + ": " + errno_text(errno));
+  const std::string path = root_ == "/" ? "/" + key : root_ + "/" + key;
+  // Down the key's folders one at a time, never through a symlink: a link inside root must not
+  // let a write land outside it.
+  size_t start = 0;
+  for (size_t slash = key.find('/'); slash != std::string::npos; slash = key.find('/', start)) {
+    const std::string component = key.substr(start, slash - start);
+    constexpr int kFlags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
+    int child = ::openat(dir.fd, component.c_str(), kFlags);
+    if (child < 0 && errno == ENOENT) {
+      if (::mkdirat(dir.fd, component.c_str(), 0755) != 0 && errno != EEXIST) {
+        return Status::IOError("mkdir " + path.substr(0, path.size() - key.size() + slash) + ": " +
+                               errno_text(errno));
+      }
+      child = ::openat(dir.fd, component.c_str(), kFlags);
+    }
+    if (child < 0) {
+      const int error = errno;
+      const std::string folder = path.substr(0, path.size() - key.size() + slash);
+      if (error == ENOTDIR || error == ELOOP) {
+        return Status::IOError("cannot store " + key + ": " + folder +
+                               " is not a folder (or is a symlink)");
+      }
+      return Status::IOError("open " + folder + ": " + errno_text(error));
+    }
+    ::close(dir.fd);
+    dir.fd = child;
+    start = slash + 1;
+  }
+  const std::string name = key.substr(start);
+
+  // A short temp name (a long key's name plus a suffix could pass NAME_MAX), in the object's own
+  // folder so that the rename stays on one file system.
+  std::string temp;
+  FdCloser file{-1};
+  for (int attempt = 0; attempt < 100 && file.fd < 0; ++attempt) {
+    temp = ".imgfs-put." + std::to_string(::getpid()) + "." +
+           std::to_string(next_temp_.fetch_add(1, std::memory_order_relaxed));
+    file.fd =
+        ::openat(dir.fd, temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (file.fd < 0 && errno != EEXIST) {
+      return Status::IOError("create a temp file beside " + path + ": " + errno_text(errno));
+    }
+  }
+  if (file.fd < 0) return Status::IOError("no free temp file name beside " + path);
+  auto fail = [&](const std::string& what, int error) {
+    ::unlinkat(dir.fd, temp.c_str(), 0);
+    return Status::IOError(what + " " + path + ": " + errno_text(error));
+  };
+  // Exactly 0644 whatever the umask: other readers of the folder (a web server) need it.
+  if (::fchmod(file.fd, 0644) != 0) return fail("chmod the temp file of", errno);
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const size_t want = std::min<size_t>(bytes.size() - done, SSIZE_MAX);
+    const ssize_t n = ::write(file.fd, bytes.data() + done, want);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return fail("write the temp file of", errno);
+    done += static_cast<size_t>(n);
+  }
+  // The data must be on disk before the rename publishes it, or a crash could leave an empty
+  // or partial file under the final name.
+  if (::fsync(file.fd) != 0) return fail("fsync the temp file of", errno);
+  if (::renameat(dir.fd, temp.c_str(), dir.fd, name.c_str()) != 0) {
+    return fail("rename a temp file to", errno);
+  }
+  if (::fsync(dir.fd) != 0) {
+    return Status::IOError("fsync the folder of " + path + ": " + errno_text(errno));
+  }
+  return Status::OK();
+}
+
 std::string DirStore::describe() const { return "dir:" + root_; }
 
 }  // namespace imgfs::remote

@@ -3,6 +3,8 @@
 // images kept on local disk.
 #pragma once
 
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -33,6 +35,13 @@ class DirStore final : public ObjectStore {
   Status read_range(const ObjectInfo& object, uint64_t offset,
                     std::span<std::byte> out) const override;
 
+  // Writes a temp file beside the object (".NAME.imgfs-put.PID.N", mode 0644), fsyncs it and
+  // renames it over root/key, so readers and a crash see the old file or the new one. Missing
+  // parent folders are created (0755), as S3 keys need none; no symlink is followed on the way,
+  // so a put never writes outside root. Thread-safe.
+  // Errors: InvalidArgument (key as in head), IOError (a parent is not a folder, I/O).
+  Status put(const std::string& key, std::span<const std::byte> bytes) const override;
+
   // "dir:" followed by the root path.
   std::string describe() const override;
 
@@ -41,6 +50,8 @@ class DirStore final : public ObjectStore {
 
   // Absolute root path without a trailing '/' (except for "/" itself).
   const std::string root_;
+  // Numbers put's temp files, unique within this process.
+  mutable std::atomic<uint64_t> next_temp_{0};
 };
 
 }  // namespace imgfs::remote

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 
 namespace imgfs::remote {
@@ -23,6 +24,7 @@ struct Transfer {
   HttpResponse* response;
   size_t max_body_bytes;
   bool overflowed = false;
+  size_t uploaded = 0;  // bytes of request->upload_body handed to curl so far
 };
 
 std::string to_lower(std::string_view text) {
@@ -82,6 +84,27 @@ size_t on_body(char* data, size_t size, size_t count, void* user) {
   }
   response.body.append(data, length);
   return length;
+}
+
+size_t on_upload(char* data, size_t size, size_t count, void* user) {
+  auto* transfer = static_cast<Transfer*>(user);
+  const std::span<const std::byte> body = transfer->request->upload_body;
+  const size_t length = std::min(size * count, body.size() - transfer->uploaded);
+  if (length > 0) std::memcpy(data, body.data() + transfer->uploaded, length);
+  transfer->uploaded += length;
+  return length;
+}
+
+// curl rewinds the body when it must send the request again on a new connection (a reused
+// keep-alive connection that the server had closed).
+int on_upload_seek(void* user, curl_off_t offset, int origin) {
+  auto* transfer = static_cast<Transfer*>(user);
+  if (origin != SEEK_SET || offset < 0 ||
+      static_cast<uint64_t>(offset) > transfer->request->upload_body.size()) {
+    return CURL_SEEKFUNC_FAIL;
+  }
+  transfer->uploaded = static_cast<size_t>(offset);
+  return CURL_SEEKFUNC_OK;
 }
 
 TransportError classify_curl(CURLcode code) {
@@ -239,6 +262,16 @@ HttpResponse HttpClient::perform(const HttpRequest& request) const {
   if (options_.ca_file) curl_easy_setopt(handle, CURLOPT_CAINFO, options_.ca_file->c_str());
   if (request.method == "HEAD") {
     curl_easy_setopt(handle, CURLOPT_NOBODY, 1L);
+  } else if (request.method == "PUT") {
+    // CURLOPT_UPLOAD makes a PUT with a Content-Length and no Content-Type (which SigV2 would
+    // otherwise have to sign); the "Expect:" line above keeps curl from waiting for a 100.
+    curl_easy_setopt(handle, CURLOPT_UPLOAD, 1L);
+    curl_easy_setopt(handle, CURLOPT_READFUNCTION, &on_upload);
+    curl_easy_setopt(handle, CURLOPT_READDATA, &transfer);
+    curl_easy_setopt(handle, CURLOPT_SEEKFUNCTION, &on_upload_seek);
+    curl_easy_setopt(handle, CURLOPT_SEEKDATA, &transfer);
+    curl_easy_setopt(handle, CURLOPT_INFILESIZE_LARGE,
+                     static_cast<curl_off_t>(request.upload_body.size()));
   } else if (request.method != "GET") {
     curl_easy_setopt(handle, CURLOPT_CUSTOMREQUEST, request.method.c_str());
   }
@@ -248,6 +281,8 @@ HttpResponse HttpClient::perform(const HttpRequest& request) const {
   // The handle keeps pointers to our header list and callbacks; clear them before reuse.
   curl_easy_setopt(handle, CURLOPT_HTTPHEADER, nullptr);
   curl_easy_setopt(handle, CURLOPT_ERRORBUFFER, nullptr);
+  curl_easy_setopt(handle, CURLOPT_READDATA, nullptr);
+  curl_easy_setopt(handle, CURLOPT_SEEKDATA, nullptr);
   release_handle(handle);
 
   if (code != CURLE_OK) {

@@ -1,8 +1,8 @@
-// HttpClient: a small libcurl wrapper. It turns one HTTP request (method, URL, headers) into a
-// status, response headers and a body written either into a caller's buffer (ranged GETs, no
-// copy) or into a bounded string (listings, error documents). Easy handles are pooled, one per
-// request in flight up to max_connections, so connections stay open between requests
-// (keep-alive). One attempt per call: retries belong to the caller (S3Store).
+// HttpClient: a small libcurl wrapper. It turns one HTTP request (method, URL, headers, a PUT's
+// body) into a status, response headers and a body written either into a caller's buffer
+// (ranged GETs, no copy) or into a bounded string (listings, error documents). Easy handles are
+// pooled, one per request in flight up to max_connections, so connections stay open between
+// requests (keep-alive). One attempt per call: retries belong to the caller (S3Store).
 //
 // Process set-up: main calls HttpClient::init_globally() once, before starting threads;
 // nothing here relies on a global constructor.
@@ -36,9 +36,12 @@ struct HttpOptions {
 };
 
 struct HttpRequest {
-  std::string method = "GET";  // "GET" or "HEAD"
+  std::string method = "GET";  // "GET", "HEAD" or "PUT"
   std::string url;             // fully encoded; sent as is (no dot-segment squashing)
   std::vector<std::pair<std::string, std::string>> headers;
+  // The body of a PUT, sent with its Content-Length (no Content-Type, no Expect); it must stay
+  // alive until perform returns. Ignored by other methods.
+  std::span<const std::byte> upload_body;
   // Where a 2xx body goes. Empty: into HttpResponse::body. A body that would overflow it
   // aborts the transfer with TransportError::kLongBody.
   std::span<std::byte> body_buffer;

@@ -39,6 +39,15 @@ class ObjectStore {
   virtual Status read_range(const ObjectInfo& object, uint64_t offset,
                             std::span<std::byte> out) const = 0;
 
+  // Stores `bytes` as the whole object `key`, replacing any current version. Readers see the
+  // old object or the new one, never a part. Meant for small objects that imgfs publishes (a
+  // signed gzip index next to a manifest), so one request, no multipart. Thread-safe.
+  // Errors: NotSupported (a read-only store), InvalidArgument (bad key, too large), NotFound
+  // (no bucket), IOError (I/O, transport, refused by the server).
+  virtual Status put(const std::string& key, std::span<const std::byte> bytes) const {
+    return Status::NotSupported(describe() + " cannot store objects");
+  }
+
   // One-line identity for logs: "dir:/path" or "s3://bucket/prefix".
   virtual std::string describe() const = 0;
 

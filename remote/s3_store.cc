@@ -15,6 +15,8 @@ namespace imgfs::remote {
 namespace {
 
 constexpr size_t kMaxKeyBytes = 1024;
+// S3's limit for one PutObject request; larger objects need a multipart upload.
+constexpr uint64_t kMaxPutBytes = uint64_t{5} << 30;
 constexpr int kListPageKeys = 1000;
 // A listing page of 1000 long keys is well under 1 MB; libxml2 refuses more than 10 MB anyway.
 constexpr size_t kMaxListPageBytes = 8u << 20;
@@ -394,7 +396,8 @@ uint64_t S3Store::random_u64() const {
 
 Result<HttpRequest> S3Store::signed_request(const Target& target, std::string_view method,
                                             std::string_view key, const HeaderList& query,
-                                            const HeaderList& headers) const {
+                                            const HeaderList& headers,
+                                            std::string_view payload_hash) const {
   const S3RequestTarget where =
       build_s3_target(target.endpoint, config_.bucket, key, target.path_style, query);
   HttpRequest request;
@@ -419,7 +422,7 @@ Result<HttpRequest> S3Store::signed_request(const Target& target, std::string_vi
       signable.encoded_path = where.encoded_path;
       signable.query = query;
       signable.headers = headers;
-      signable.payload_hash = std::string(kEmptyPayloadSha256);
+      signable.payload_hash = std::string(payload_hash);
       Result<SigV4Result> auth = sign_v4(signable, config_.credentials, config_.region, "s3", now);
       if (!auth.ok()) return auth.status();
       request.headers.insert(request.headers.end(), auth->headers.begin(), auth->headers.end());
@@ -605,6 +608,32 @@ Status S3Store::read_range(const ObjectInfo& object, uint64_t offset,
                            std::to_string(response.status) + " to " + what + ")");
   }
   return s;
+}
+
+Status S3Store::put(const std::string& key, std::span<const std::byte> bytes) const {
+  Status s = check_key(key);
+  if (!s.ok()) return s;
+  if (bytes.size() > kMaxPutBytes) {
+    return Status::InvalidArgument("cannot PUT " + key + ": " + std::to_string(bytes.size()) +
+                                   " bytes is more than one S3 PUT takes (5 GiB)");
+  }
+  const std::string what =
+      "PUT " + config_.bucket + "/" + key + " (" + std::to_string(bytes.size()) + " bytes)";
+  std::string payload_hash(kEmptyPayloadSha256);
+  if (config_.signing == S3Config::Signing::kV4) {
+    Result<std::string> hash = payload_sha256_hex(bytes);
+    if (!hash.ok()) return hash.status().with_context(what);
+    payload_hash = std::move(*hash);
+  }
+  HttpResponse response;
+  return run(
+      what, true,
+      [&](const Target* target) -> Result<HttpRequest> {
+        Result<HttpRequest> request = signed_request(*target, "PUT", key, {}, {}, payload_hash);
+        if (request.ok()) request->upload_body = bytes;
+        return request;
+      },
+      nullptr, &response);
 }
 
 Status S3Store::read_url_range(const std::string& presigned_url, uint64_t offset,

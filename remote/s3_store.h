@@ -139,6 +139,14 @@ class S3Store final : public ObjectStore {
   Status read_range(const ObjectInfo& object, uint64_t offset,
                     std::span<std::byte> out) const override;
 
+  // One PutObject request (no multipart) of `bytes` with its Content-Length. SigV4 signs the
+  // body's SHA-256 as x-amz-content-sha256, so the server refuses a body changed on the way;
+  // SigV2 signs an empty Content-MD5 and Content-Type (neither is sent); unsigned sends no
+  // authentication. Retried like a read (a PUT of the same bytes is idempotent). Thread-safe.
+  // Errors: InvalidArgument (bad key, more than 5 GiB, S3's single-PUT limit), NotFound (no
+  // bucket), IOError (transport, "access denied" for 403, other HTTP statuses).
+  Status put(const std::string& key, std::span<const std::byte> bytes) const override;
+
   // Unsigned ranged GET of a presigned URL (import-manifest parts reachable only by get-url).
   // Retries as read_range; no endpoint failover (the URL names its host). Thread-safe.
   // Errors: IOError ("presigned URL expired: ..." for a 403 that says so), NotFound,
@@ -177,10 +185,12 @@ class S3Store final : public ObjectStore {
   Status run(std::string_view what, bool use_endpoints, const RequestMaker& make,
              const ResponseCheck& check, HttpResponse* last) const;
 
-  // A signed request to `key` (empty: the bucket) on `target`, signed now.
+  // A signed request to `key` (empty: the bucket) on `target`, signed now. `payload_hash` is
+  // the SigV4 x-amz-content-sha256 of the body.
   Result<HttpRequest> signed_request(const Target& target, std::string_view method,
                                      std::string_view key, const HeaderList& query,
-                                     const HeaderList& headers) const;
+                                     const HeaderList& headers,
+                                     std::string_view payload_hash = kEmptyPayloadSha256) const;
 
   // Maps a final non-2xx answer to a Status.
   Status http_failure(std::string_view what, const HttpResponse& response, int attempts) const;

@@ -416,6 +416,20 @@ TEST_F(BundleKeysTest, VerifiesSha256Signatures) {
             StatusCode::kCorruption);
 }
 
+// Our SHA256withRSA signer makes what the fixture (an independent EVP path) and the openssl
+// command make, which verify_sha256_rsa_signature accepts.
+TEST_F(BundleKeysTest, SignsSha256) {
+  constexpr char kText[] = "index sidecar bytes\0with a NUL";
+  const std::string text(kText, sizeof kText - 1);
+  Result<std::string> signature = sign_sha256_rsa_text(private_key_of(user_), text);
+  ASSERT_TRUE(signature.ok()) << signature.status().to_string();
+  EXPECT_EQ(*signature, hex_encode(testing::sign_sha256_rsa(user_, text)));
+  EXPECT_TRUE(verify_sha256_rsa_signature(certificate_of(user_), text, *signature).ok());
+  EXPECT_EQ(verify_sha256_rsa_signature(certificate_of(other_), text, *signature).code(),
+            StatusCode::kCorruption);
+  EXPECT_NE(*signature, *sign_bundle_text(private_key_of(user_), text));
+}
+
 TEST_F(BundleKeysTest, ConcurrentUnwrapsWithOneKey) {
   const PrivateKey key = private_key_of(cloud_);
   const Certificate cert = certificate_of(cloud_);

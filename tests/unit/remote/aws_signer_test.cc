@@ -131,6 +131,16 @@ TEST(AwsSignerTest, V4PutObjectExample) {
             "98ad721746da40c64f1a55b78f14c238d841ea1380cd77a1b5971af0ece108bd");
 }
 
+// The payload of that example is "Welcome to Amazon S3."; its hash is the one signed above.
+TEST(AwsSignerTest, PayloadSha256) {
+  const std::string payload = "Welcome to Amazon S3.";
+  Result<std::string> hash =
+      payload_sha256_hex(std::as_bytes(std::span<const char>(payload.data(), payload.size())));
+  ASSERT_TRUE(hash.ok());
+  EXPECT_EQ(*hash, "44ce7dd67c959e0d3524ffac1771dfbba87d2b6b4b4e99e42034a8b803f8b072");
+  EXPECT_EQ(*payload_sha256_hex({}), kEmptyPayloadSha256);
+}
+
 TEST(AwsSignerTest, V4SessionTokenIsSentAndSigned) {
   Credentials credentials = example_credentials();
   credentials.session_token = "token/with+chars";
@@ -228,6 +238,25 @@ TEST(AwsSignerTest, SignV2UsesXAmzDateAndAnEmptyDateLine) {
                                           "GET\n\n\n\nx-amz-date:Fri, 24 May 2013 00:00:00 GMT\n"
                                           "x-amz-security-token:TOKEN\n/bucket"));
   EXPECT_FALSE(sign_v2("GET", "/b", {}, Credentials{}, kExampleTime).ok());
+}
+
+// A PUT (an uploaded index sidecar) is signed with empty Content-MD5 and Content-Type lines,
+// since neither header is sent.
+TEST(AwsSignerTest, SignV2Put) {
+  Credentials credentials;
+  credentials.access_key_id = "S3RVER";
+  credentials.secret_access_key = "S3RVER";
+  Result<HeaderList> headers =
+      sign_v2("PUT", "/bucket/img/x.manifest.xml.imgfs-index", {}, credentials, kExampleTime);
+  ASSERT_TRUE(headers.ok());
+  EXPECT_EQ(header_value(*headers, "Authorization"),
+            "AWS S3RVER:" + *v2_signature("S3RVER",
+                                          "PUT\n\n\n\nx-amz-date:Fri, 24 May 2013 00:00:00 GMT\n"
+                                          "/bucket/img/x.manifest.xml.imgfs-index"));
+  Result<HeaderList> get =
+      sign_v2("GET", "/bucket/img/x.manifest.xml.imgfs-index", {}, credentials, kExampleTime);
+  ASSERT_TRUE(get.ok());
+  EXPECT_NE(header_value(*get, "Authorization"), header_value(*headers, "Authorization"));
 }
 
 }  // namespace

@@ -5,6 +5,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -269,6 +271,170 @@ TEST_F(DirStoreTest, ConcurrentReaders) {
   }
   for (std::thread& t : threads) t.join();
   EXPECT_EQ(failures.load(), 0);
+}
+
+// ---- put -----------------------------------------------------------------------------------
+
+// The names in a folder, without "." and "..": put leaves no temp file behind.
+std::vector<std::string> names_in(const std::string& folder) {
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(folder)) {
+    names.push_back(entry.path().filename().string());
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+std::vector<std::byte> read_object(const DirStore& store, const std::string& key) {
+  auto info = store.head(key);
+  EXPECT_TRUE(info.ok()) << info.status().to_string();
+  if (!info.ok()) return {};
+  std::vector<std::byte> bytes(info->size);
+  Status s = store.read_range(*info, 0, bytes);
+  EXPECT_TRUE(s.ok()) << s.to_string();
+  return bytes;
+}
+
+TEST_F(DirStoreTest, PutStoresAWholeObjectWithMode0644) {
+  const std::vector<std::byte> bytes = pattern_bytes(70001, 21);
+  // A strict umask must not leave the object unreadable to others (a web server, another user).
+  const mode_t old_umask = ::umask(077);
+  Status s = store_->put("bundles/x.manifest.xml.imgfs-index", bytes);
+  ::umask(old_umask);
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  EXPECT_EQ(read_object(*store_, "bundles/x.manifest.xml.imgfs-index"), bytes);
+  struct stat st;
+  ASSERT_EQ(::stat((root_ + "/bundles/x.manifest.xml.imgfs-index").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0644u);
+  EXPECT_EQ(
+      names_in(root_ + "/bundles"),
+      (std::vector<std::string>{"sub", "x.manifest.xml.imgfs-index", "x.part.0", "x.part.1"}));
+  // An empty object is an object too.
+  ASSERT_TRUE(store_->put("empty-too", {}).ok());
+  auto info = store_->head("empty-too");
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->size, 0u);
+}
+
+TEST_F(DirStoreTest, PutReplacesAnObjectAsANewVersion) {
+  auto before = store_->head("bundles/x.part.1");
+  ASSERT_TRUE(before.ok());
+  const std::vector<std::byte> bytes = pattern_bytes(4096, 22);  // same size as before
+  ASSERT_TRUE(store_->put("bundles/x.part.1", bytes).ok());
+  EXPECT_EQ(read_object(*store_, "bundles/x.part.1"), bytes);
+  auto after = store_->head("bundles/x.part.1");
+  ASSERT_TRUE(after.ok());
+  EXPECT_NE(after->etag, before->etag);
+  // Readers pinned to the old version are told it changed rather than given new bytes.
+  std::vector<std::byte> buf(16);
+  Status s = store_->read_range(*before, 0, buf);
+  EXPECT_EQ(s.code(), StatusCode::kIOError);
+  EXPECT_NE(s.message().find("changed since it was opened"), std::string::npos) << s.to_string();
+}
+
+TEST_F(DirStoreTest, PutCreatesMissingFolders) {
+  const std::vector<std::byte> bytes = pattern_bytes(10, 23);
+  ASSERT_TRUE(store_->put("new/deeper/still/object", bytes).ok());
+  EXPECT_EQ(read_object(*store_, "new/deeper/still/object"), bytes);
+  EXPECT_EQ(keys("new/"), (std::vector<std::string>{"new/deeper/still/object"}));
+}
+
+TEST_F(DirStoreTest, PutRefusesKeysThatCouldEscapeRoot) {
+  for (const std::string key : {"", "/abs", "../x", "a/../b", "a//b", "./a", "a/", "a/."}) {
+    EXPECT_EQ(store_->put(key, pattern_bytes(3, 1)).code(), StatusCode::kInvalidArgument) << key;
+  }
+  EXPECT_EQ(store_->put(std::string("a\0b", 3), pattern_bytes(3, 1)).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(names_in(outside_), (std::vector<std::string>{"secret"}));
+}
+
+TEST_F(DirStoreTest, PutNeverWritesThroughASymlinkedFolder) {
+  ASSERT_EQ(::symlink(outside_.c_str(), (root_ + "/link").c_str()), 0);
+  Status s = store_->put("link/evil", pattern_bytes(3, 1));
+  EXPECT_EQ(s.code(), StatusCode::kIOError);
+  EXPECT_NE(s.message().find("is not a folder (or is a symlink)"), std::string::npos)
+      << s.to_string();
+  EXPECT_EQ(names_in(outside_), (std::vector<std::string>{"secret"}));
+}
+
+TEST_F(DirStoreTest, PutUnderAFileOrOntoAFolderFailsCleanly) {
+  Status s = store_->put("a.txt/inner", pattern_bytes(3, 1));
+  EXPECT_EQ(s.code(), StatusCode::kIOError);
+  EXPECT_NE(s.message().find("a.txt is not a folder"), std::string::npos) << s.to_string();
+  // Renaming a file over a non-empty folder fails; the temp file goes away with it.
+  s = store_->put("bundles/sub", pattern_bytes(3, 1));
+  EXPECT_EQ(s.code(), StatusCode::kIOError);
+  EXPECT_NE(s.message().find("bundles/sub"), std::string::npos) << s.to_string();
+  EXPECT_EQ(names_in(root_ + "/bundles"),
+            (std::vector<std::string>{"sub", "x.part.0", "x.part.1"}));
+}
+
+TEST_F(DirStoreTest, PutRefusedByPermissionsIsIOError) {
+  if (::geteuid() == 0) GTEST_SKIP() << "root ignores folder permissions";
+  ASSERT_EQ(::chmod((root_ + "/bundles").c_str(), 0555), 0);
+  Status s = store_->put("bundles/new", pattern_bytes(3, 1));
+  ::chmod((root_ + "/bundles").c_str(), 0755);
+  EXPECT_EQ(s.code(), StatusCode::kIOError);
+  EXPECT_NE(s.message().find("bundles/new"), std::string::npos) << s.to_string();
+}
+
+// Writers racing on one key and readers of it: every read sees one whole version.
+TEST_F(DirStoreTest, ConcurrentPutsAndReadersSeeWholeVersions) {
+  constexpr int kWriters = 4;
+  std::vector<std::vector<std::byte>> versions;
+  for (int v = 0; v < kWriters; ++v) versions.push_back(pattern_bytes(20000 + v, 30 + v));
+  ASSERT_TRUE(store_->put("race", versions[0]).ok());
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kWriters; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 20; ++i) {
+        if (!store_->put("race", versions[t]).ok()) failures.fetch_add(1);
+      }
+    });
+  }
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 50; ++i) {
+        auto info = store_->head("race");
+        if (!info.ok()) {
+          failures.fetch_add(1);
+          continue;
+        }
+        std::vector<std::byte> buf(info->size);
+        // A put between head and read is a changed object, never mixed bytes.
+        Status s = store_->read_range(*info, 0, buf);
+        if (!s.ok()) continue;
+        if (std::find(versions.begin(), versions.end(), buf) == versions.end()) {
+          failures.fetch_add(1);
+        }
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  const std::vector<std::byte> last = read_object(*store_, "race");
+  EXPECT_NE(std::find(versions.begin(), versions.end(), last), versions.end());
+  EXPECT_EQ(keys("").size(), 7u);  // the six fixtures and "race": no temp files left
+}
+
+// A store without a write path says so.
+class ReadOnlyStore final : public ObjectStore {
+ public:
+  Result<std::vector<ObjectInfo>> list(std::string_view) const override {
+    return std::vector<ObjectInfo>{};
+  }
+  Result<ObjectInfo> head(std::string_view) const override { return Status::NotFound("no"); }
+  Status read_range(const ObjectInfo&, uint64_t, std::span<std::byte>) const override {
+    return Status::NotFound("no");
+  }
+  std::string describe() const override { return "read-only"; }
+};
+
+TEST(ObjectStoreTest, PutIsNotSupportedByDefault) {
+  Status s = ReadOnlyStore().put("k", pattern_bytes(3, 1));
+  EXPECT_EQ(s.code(), StatusCode::kNotSupported);
+  EXPECT_EQ(s.message(), "read-only cannot store objects");
 }
 
 }  // namespace

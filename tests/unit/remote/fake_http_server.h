@@ -1,8 +1,8 @@
 // FakeHttpServer: a tiny HTTP/1.1 server on 127.0.0.1 for the remote/ unit tests. It turns
-// each request (no request bodies) into the Reply a test handler chooses, including faults: a
-// reset instead of an answer, a body cut short of its Content-Length, a delay. Keep-alive is
-// honoured so connection reuse can be counted. Everything it starts is stopped and joined by
-// its destructor.
+// each request (with a Content-Length body, as a PUT sends; no chunked bodies) into the Reply a
+// test handler chooses, including faults: a reset instead of an answer, a body cut short of its
+// Content-Length, a delay. Keep-alive is honoured so connection reuse can be counted. Everything it
+// starts is stopped and joined by its destructor.
 #pragma once
 
 #include <arpa/inet.h>
@@ -27,6 +27,7 @@ struct FakeRequest {
   std::string method;
   std::string target;                          // path and query as sent
   std::map<std::string, std::string> headers;  // lower-cased names
+  std::string body;                            // Content-Length bytes after the head
 
   std::string path() const { return target.substr(0, target.find('?')); }
   std::string query() const {
@@ -150,6 +151,20 @@ class FakeHttpServer {
       while (value_start < line.size() && line[value_start] == ' ') ++value_start;
       request->headers[name] = line.substr(value_start);
     }
+    const size_t body_length = request->headers.count("content-length") != 0
+                                   ? std::stoul(request->headers["content-length"])
+                                   : 0;
+    while (buffer->size() < body_length) {
+      if (stop_) return false;
+      pollfd p{fd, POLLIN, 0};
+      if (::poll(&p, 1, 20) <= 0) continue;
+      char chunk[4096];
+      const ssize_t n = ::recv(fd, chunk, sizeof chunk, 0);
+      if (n <= 0) return false;
+      buffer->append(chunk, static_cast<size_t>(n));
+    }
+    request->body = buffer->substr(0, body_length);
+    buffer->erase(0, body_length);
     return true;
   }
 

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <ctime>
 #include <map>
 #include <random>
 #include <thread>
@@ -229,6 +230,7 @@ class FakeS3 {
   std::atomic<int> fail_status{503};
   std::atomic<FakeReply::Fault> fail_fault{FakeReply::Fault::kNone};
   std::atomic<int> lists{0};
+  int puts = 0;  // GUARDED_BY(data_mutex)
   std::vector<std::string> list_queries;
   std::mutex mutex;       // list_queries
   std::mutex data_mutex;  // objects and etags, once the server runs
@@ -266,6 +268,12 @@ class FakeS3 {
     if (!path.starts_with("/bkt")) return {404, {}, "<Error><Code>NoSuchBucket</Code></Error>"};
     if (path == "/bkt") return list(request);
     const std::string key = path.substr(5);
+    if (request.method == "PUT") {
+      objects[key] = request.body;
+      etags[key] = "put" + std::to_string(++puts);
+      reply.headers = {{"ETag", "\"" + etags[key] + "\""}};
+      return reply;
+    }
     const auto it = objects.find(key);
     if (it == objects.end()) {
       return {404, {}, "<Error><Code>NoSuchKey</Code><Message>gone</Message></Error>"};
@@ -753,6 +761,159 @@ TEST_F(S3StoreTest, ExpiredPresignedUrlSaysSo) {
   EXPECT_EQ(store->read_url_range("ftp://x/y", 0, out).code(), StatusCode::kInvalidArgument);
 }
 
+// ---- put ----------------------------------------------------------------------------------
+
+std::time_t parse_amz_date(const std::string& text) {
+  std::tm tm{};
+  EXPECT_NE(::strptime(text.c_str(), "%Y%m%dT%H%M%SZ", &tm), nullptr) << text;
+  return ::timegm(&tm);
+}
+
+TEST_F(S3StoreTest, PutSendsTheBodySignedWithItsSha256) {
+  auto store = open(config());
+  const std::vector<std::byte> bytes = imgfs::testing::pattern_bytes(70001, 5);
+  const std::string key = "img/disk.manifest.xml.imgfs-index";
+  Status s = store->put(key, bytes);
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  {
+    std::lock_guard<std::mutex> lock(fake_.data_mutex);
+    EXPECT_EQ(fake_.objects[key], as_string(bytes));
+  }
+  const FakeRequest request = server_->seen().back();
+  EXPECT_EQ(request.method, "PUT");
+  EXPECT_EQ(request.target, "/bkt/img/disk.manifest.xml.imgfs-index");
+  EXPECT_EQ(request.header("content-length"), "70001");
+  EXPECT_EQ(request.header("content-type"), "");
+  EXPECT_EQ(request.header("expect"), "");
+  const std::string hash = *payload_sha256_hex(bytes);
+  EXPECT_EQ(request.header("x-amz-content-sha256"), hash);
+  // The Authorization header is exactly what the signer makes of this request and body hash.
+  SignableRequest signable;
+  signable.method = "PUT";
+  signable.host = request.header("host");
+  signable.encoded_path = request.target;
+  signable.payload_hash = hash;
+  Result<SigV4Result> expected = sign_v4(signable, config().credentials, "us-east-1", "s3",
+                                         parse_amz_date(request.header("x-amz-date")));
+  ASSERT_TRUE(expected.ok());
+  EXPECT_NE(expected->canonical_request.find("x-amz-content-sha256:" + hash), std::string::npos);
+  EXPECT_EQ(request.header("authorization"), expected->headers.back().second);
+
+  // What was put reads back through the store.
+  Result<ObjectInfo> info = store->head(key);
+  ASSERT_TRUE(info.ok()) << info.status().to_string();
+  EXPECT_EQ(info->size, bytes.size());
+  std::vector<std::byte> back(bytes.size());
+  ASSERT_TRUE(store->read_range(*info, 0, back).ok());
+  EXPECT_EQ(back, bytes);
+
+  // An empty object, and a key that needs encoding.
+  ASSERT_TRUE(store->put("img/empty one+", {}).ok());
+  EXPECT_EQ(server_->seen().back().target, "/bkt/img/empty%20one%2B");
+  EXPECT_EQ(server_->seen().back().header("content-length"), "0");
+  EXPECT_EQ(server_->seen().back().header("x-amz-content-sha256"), kEmptyPayloadSha256);
+  // All over one kept-alive connection.
+  EXPECT_EQ(server_->connections_accepted(), 1);
+}
+
+TEST_F(S3StoreTest, PutWithV2AndUnsigned) {
+  S3Config c = config();
+  c.signing = S3Config::Signing::kV2;
+  auto store = open(c);
+  const std::vector<std::byte> bytes = imgfs::testing::pattern_bytes(1000, 6);
+  ASSERT_TRUE(store->put("k", bytes).ok());
+  FakeRequest request = server_->seen().back();
+  // V2: empty Content-MD5 and Content-Type lines, neither header sent.
+  const std::string to_sign = v2_string_to_sign(
+      "PUT", "", "", "", {{"x-amz-date", request.header("x-amz-date")}}, "/bkt/k", {});
+  EXPECT_TRUE(to_sign.starts_with("PUT\n\n\n\nx-amz-date:"));
+  EXPECT_EQ(request.header("authorization"),
+            "AWS AKTEST:" + *v2_signature("SECRETKEY-NEVER-SHOWN", to_sign));
+  EXPECT_EQ(request.header("content-md5"), "");
+  EXPECT_EQ(request.header("content-type"), "");
+  EXPECT_EQ(request.body, as_string(bytes));
+
+  c.signing = S3Config::Signing::kNone;
+  store = open(c);
+  ASSERT_TRUE(store->put("k2", bytes).ok());
+  request = server_->seen().back();
+  EXPECT_EQ(request.header("authorization"), "");
+  EXPECT_EQ(request.body, as_string(bytes));
+}
+
+TEST_F(S3StoreTest, PutIsRetriedAndResendsTheWholeBody) {
+  auto store = open(config());
+  const std::vector<std::byte> bytes = imgfs::testing::pattern_bytes(300000, 7);
+  for (auto [status, fault] :
+       std::vector<std::pair<int, FakeReply::Fault>>{{503, FakeReply::Fault::kNone},
+                                                     {500, FakeReply::Fault::kNone},
+                                                     {0, FakeReply::Fault::kReset}}) {
+    {
+      std::lock_guard<std::mutex> lock(fake_.data_mutex);
+      fake_.objects.erase("retried");
+    }
+    fake_.fail_status = status;
+    fake_.fail_fault = fault;
+    fake_.fail_next = 2;
+    const int before = server_->requests();
+    Status s = store->put("retried", bytes);
+    ASSERT_TRUE(s.ok()) << status << ": " << s.to_string();
+    EXPECT_EQ(server_->requests(), before + 3) << status;
+    std::lock_guard<std::mutex> lock(fake_.data_mutex);
+    EXPECT_EQ(fake_.objects["retried"], as_string(bytes)) << status;
+  }
+}
+
+TEST_F(S3StoreTest, PutFailuresAreClear) {
+  auto store = open(config());
+  const std::vector<std::byte> bytes = imgfs::testing::pattern_bytes(10, 8);
+  fake_.fail_status = 403;
+  fake_.fail_next = 1000;
+  const int before = server_->requests();
+  Status s = store->put("denied", bytes);
+  EXPECT_EQ(s.code(), StatusCode::kIOError);
+  EXPECT_NE(s.message().find("PUT bkt/denied (10 bytes): access denied (HTTP 403"),
+            std::string::npos)
+      << s.message();
+  EXPECT_EQ(server_->requests(), before + 1);  // not retried
+  EXPECT_EQ(s.message().find("SECRETKEY"), std::string::npos);
+  fake_.fail_next = 0;
+
+  S3Config c = config();
+  c.bucket = "nobucket";
+  store = open(c);
+  EXPECT_EQ(store->put("k", bytes).code(), StatusCode::kNotFound);
+  EXPECT_EQ(store->put("", bytes).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(store->put(std::string(1025, 'k'), bytes).code(), StatusCode::kInvalidArgument);
+}
+
+TEST_F(S3StoreTest, ConcurrentPuts) {
+  auto store = open(config());
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 5; ++i) {
+        const std::vector<std::byte> bytes =
+            imgfs::testing::pattern_bytes(1000 + 100 * t + i, static_cast<uint32_t>(t * 10 + i));
+        if (!store->put("c/" + std::to_string(t) + "/" + std::to_string(i), bytes).ok()) {
+          ++failures;
+        }
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_EQ(failures.load(), 0);
+  std::lock_guard<std::mutex> lock(fake_.data_mutex);
+  for (int t = 0; t < 6; ++t) {
+    for (int i = 0; i < 5; ++i) {
+      EXPECT_EQ(fake_.objects["c/" + std::to_string(t) + "/" + std::to_string(i)],
+                as_string(imgfs::testing::pattern_bytes(1000 + 100 * t + i,
+                                                        static_cast<uint32_t>(t * 10 + i))));
+    }
+  }
+}
+
 // ---- Against a real s3rver, when one is given ---------------------------------------------
 
 // Runs only with IMGFS_S3_ENDPOINT (e.g. http://127.0.0.1:4599) and IMGFS_S3_BUCKET set, the
@@ -819,6 +980,70 @@ TEST(S3rverTest, ListHeadAndReadWithEachSigning) {
   Result<ObjectInfo> info = (*store)->head(key);
   ASSERT_FALSE(info.ok());
   EXPECT_NE(info.status().message().find("403"), std::string::npos) << info.status().message();
+}
+
+// Runs with IMGFS_S3_ENDPOINT and IMGFS_S3_BUCKET set (tests/integration/s3_put_test.sh does
+// that): puts objects with each signing and reads them back, byte for byte; a SigV2 PUT signed
+// with a wrong secret is refused.
+TEST(S3rverTest, PutAndReadBackWithEachSigning) {
+  const char* endpoint = std::getenv("IMGFS_S3_ENDPOINT");
+  const char* bucket = std::getenv("IMGFS_S3_BUCKET");
+  if (endpoint == nullptr || bucket == nullptr) {
+    GTEST_SKIP() << "set IMGFS_S3_ENDPOINT and IMGFS_S3_BUCKET to run against s3rver";
+  }
+  ASSERT_TRUE(HttpClient::init_globally().ok());
+  const std::pair<S3Config::Signing, const char*> signings[] = {
+      {S3Config::Signing::kV4, "v4"},
+      {S3Config::Signing::kV2, "v2"},
+      {S3Config::Signing::kNone, "unsigned"}};
+  uint32_t seed = 40;
+  for (const auto& [signing, name] : signings) {
+    SCOPED_TRACE(name);
+    S3Config c;
+    c.endpoints = {endpoint};
+    c.bucket = bucket;
+    c.signing = signing;
+    c.credentials.access_key_id = "S3RVER";
+    c.credentials.secret_access_key = "S3RVER";
+    Result<std::unique_ptr<S3Store>> store = S3Store::open(c);
+    ASSERT_TRUE(store.ok()) << store.status().to_string();
+    for (uint64_t size : {uint64_t{0}, uint64_t{1}, uint64_t{65537}, uint64_t{3} << 20}) {
+      const std::string key =
+          std::string("put-test/") + name + "/a b+c " + std::to_string(size) + ".imgfs-index";
+      const std::vector<std::byte> bytes = imgfs::testing::pattern_bytes(size, ++seed);
+      Status s = (*store)->put(key, bytes);
+      ASSERT_TRUE(s.ok()) << s.to_string();
+      Result<ObjectInfo> info = (*store)->head(key);
+      ASSERT_TRUE(info.ok()) << info.status().to_string();
+      ASSERT_EQ(info->size, size);
+      std::vector<std::byte> back(size);
+      ASSERT_TRUE((*store)->read_range(*info, 0, back).ok());
+      EXPECT_TRUE(back == bytes) << key;
+      // A second put replaces the object with a new version.
+      const std::vector<std::byte> again = imgfs::testing::pattern_bytes(size + 7, ++seed);
+      ASSERT_TRUE((*store)->put(key, again).ok());
+      Result<ObjectInfo> replaced = (*store)->head(key);
+      ASSERT_TRUE(replaced.ok());
+      EXPECT_EQ(replaced->size, size + 7);
+      EXPECT_NE(replaced->etag, info->etag);
+      std::vector<std::byte> back_again(size + 7);
+      ASSERT_TRUE((*store)->read_range(*replaced, 0, back_again).ok());
+      EXPECT_TRUE(back_again == again) << key;
+    }
+  }
+  // s3rver checks V2 signatures only (it accepts any V4 one), so that is where a wrong secret
+  // shows; the V4 signing of a PUT is checked against AWS's published example instead.
+  S3Config c;
+  c.endpoints = {endpoint};
+  c.bucket = bucket;
+  c.signing = S3Config::Signing::kV2;
+  c.credentials.access_key_id = "S3RVER";
+  c.credentials.secret_access_key = "WRONG";
+  Result<std::unique_ptr<S3Store>> store = S3Store::open(c);
+  ASSERT_TRUE(store.ok());
+  Status s = (*store)->put("put-test/refused", imgfs::testing::pattern_bytes(10, 1));
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("403"), std::string::npos) << s.message();
 }
 
 }  // namespace
