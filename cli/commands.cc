@@ -112,7 +112,11 @@ class LocalImage {
       auto manifest = image->opener_->read_manifest(*object);
       if (!manifest.ok()) return manifest.status();
       image->manifest_ = std::move(manifest).value();
-      auto opened = image->opener_->open_manifest(*object, *image->manifest_, nullptr);
+      // A bundled disk image (qcow2, VMDK, ...) reads raw, as in the mount.
+      auto peek = image->opener_->peek_image(*object, *image->manifest_, nullptr);
+      if (!peek.ok()) return peek.status();
+      auto opened =
+          image->opener_->open_manifest(*object, *image->manifest_, nullptr, peek->format);
       if (!opened.ok()) return opened.status();
       image->opened_ = std::move(opened).value();
     } else {

@@ -5,6 +5,7 @@
 #include "formats/gzip_index.h"
 #include "formats/gzip_source.h"
 #include "formats/image_stack.h"
+#include "formats/partitioned_disk_source.h"
 #include "formats/vmdk_source.h"
 #include "remote/object_source.h"
 
@@ -36,6 +37,13 @@ void append_json_string(std::string& out, const std::string& text) {
   out += '"';
 }
 
+// K.disk's table: its GUIDs and MBR signature follow from the image's key.
+formats::PartitionedDiskOptions disk_options(const CatalogEntry& image) {
+  formats::PartitionedDiskOptions options;
+  options.name = image.object.key;
+  return options;
+}
+
 void append_counters(std::string& out, const IoCounters& counters) {
   out += "\"bytes_fetched\":" + std::to_string(counters.get(IoCounters::kBytesFetched));
   out += ",\"requests\":" + std::to_string(counters.get(IoCounters::kRequests));
@@ -64,6 +72,30 @@ std::string entry_id(const remote::ObjectInfo& object) { return object.key + "\n
 // version line, a createType line and one extent line).
 constexpr uint64_t kMinimumProbeBytes = 64;
 constexpr char kRawViewSuffix[] = ".raw";
+constexpr char kDiskViewSuffix[] = ".disk";
+
+// Names an entry for reuse across listings: the object version, and which view of it.
+std::string view_id(const CatalogEntry& entry) {
+  if (entry.disk_of) return entry_id(entry.object) + kDiskViewSuffix;
+  if (entry.view_format != formats::DiskFormat::kRaw) return entry_id(entry.object) + kRawViewSuffix;
+  return entry_id(entry.object);
+}
+
+// A chain shared with another entry, as a source of its own (K.disk stacks on K's chain).
+class SharedChain final : public BlockSource {
+ public:
+  explicit SharedChain(std::shared_ptr<const BlockSource> chain) : chain_(std::move(chain)) {}
+  uint64_t size() const override { return chain_->size(); }
+  Status read_at(uint64_t offset, std::span<std::byte> out) const override {
+    return chain_->read_at(offset, out);
+  }
+  std::string describe() const override { return chain_->describe(); }
+  uint32_t block_size() const override { return chain_->block_size(); }
+  Result<Extent> map(uint64_t offset) const override { return chain_->map(offset); }
+
+ private:
+  const std::shared_ptr<const BlockSource> chain_;
+};
 
 }  // namespace
 
@@ -132,10 +164,11 @@ Result<std::shared_ptr<const CatalogTree>> Catalog::list_and_build() {
         entry->size = image_size_of(*manifest);
         entry->manifest = std::move(manifest).value();
         const auto* import = std::get_if<formats::ImportManifest>(&*entry->manifest);
-        if (import == nullptr) {
-          // A peek failure (a wrong key, a missing part) shows again when the image is opened.
-          auto format = opener_.peek_member_format(object, *entry->manifest, &entry->counters);
-          if (format.ok()) entry->member_format = *format;
+        // A peek failure (a wrong key, a missing part) shows again when the image is opened.
+        auto peek = opener_.peek_image(object, *entry->manifest, &entry->counters);
+        if (peek.ok()) {
+          entry->member_format = peek->format;
+          entry->layout = peek->layout;
         }
         if (entry->member_format != formats::DiskFormat::kRaw ||
             (import != nullptr && import->file_format != formats::ImportFileFormat::kRaw)) {
@@ -179,6 +212,9 @@ Result<std::shared_ptr<const CatalogTree>> Catalog::list_and_build() {
       }
     }
     hidden_keys.insert(object.key);
+    if (auto disk = disk_view_for(entry, known)) {
+      placed.push_back(Placed{image_path + kDiskViewSuffix, std::move(disk)});
+    }
     placed.push_back(Placed{std::move(image_path), std::move(entry)});
   }
   // Plain objects, and the raw views of those in a disk format, except of the extent files a
@@ -242,14 +278,32 @@ Result<std::shared_ptr<const CatalogTree>> Catalog::list_and_build() {
     CatalogNode& node = add_node(folder, parts.back(), item.entry->kind);
     node.size = item.entry->size;
     node.entry = item.entry;
-    in_use[entry_id(item.entry->object) +
-           (item.entry->view_format != formats::DiskFormat::kRaw ? kRawViewSuffix : "")] =
-        item.entry;
+    in_use[view_id(*item.entry)] = item.entry;
   }
   const uint64_t stats_folder = add_node(kRootInode, kStatsFolder, NodeKind::kDirectory).inode;
   add_node(stats_folder, kStatsFile, NodeKind::kStats);
   entries_ = std::move(in_use);
   return std::shared_ptr<const CatalogTree>(std::move(tree));
+}
+
+std::shared_ptr<CatalogEntry> Catalog::disk_view_for(
+    const std::shared_ptr<CatalogEntry>& image,
+    const std::unordered_map<std::string, std::shared_ptr<CatalogEntry>>& known) {
+  if (image->layout.kind != formats::DiskLayoutKind::kPartition) return nullptr;
+  if (auto it = known.find(entry_id(image->object) + kDiskViewSuffix);
+      it != known.end() && it->second->disk_of == image) {
+    return it->second;
+  }
+  auto plan = formats::plan_partitioned_disk(image->size, disk_options(*image));
+  if (!plan.ok()) return nullptr;
+  auto entry = std::make_shared<CatalogEntry>();
+  entry->kind = NodeKind::kImage;
+  entry->object = image->object;
+  entry->disk_of = image;
+  entry->layout = image->layout;
+  entry->size = plan->disk_bytes;
+  entry->counters.parent = &totals_;
+  return entry;
 }
 
 std::shared_ptr<CatalogEntry> Catalog::raw_view_for(
@@ -321,7 +375,21 @@ Result<std::shared_ptr<const BlockSource>> Catalog::open_source(CatalogEntry& en
   lock.unlock();
 
   Result<OpenedImage> opened = Status::InvalidArgument(path + " is not a file");
-  if (entry.kind == NodeKind::kImage && entry.view_format != formats::DiskFormat::kRaw) {
+  if (entry.disk_of) {
+    // The partition is the image's own chain (and cache); only the table is made here.
+    auto image = open_source(*entry.disk_of, path);
+    if (image.ok()) {
+      auto disk = formats::open_partitioned_disk(std::make_unique<SharedChain>(*image),
+                                                 disk_options(*entry.disk_of));
+      if (disk.ok()) {
+        opened = OpenedImage{std::shared_ptr<const BlockSource>(std::move(disk).value())};
+      } else {
+        opened = disk.status();
+      }
+    } else {
+      opened = image.status();
+    }
+  } else if (entry.kind == NodeKind::kImage && entry.view_format != formats::DiskFormat::kRaw) {
     opened = opener_.open_disk_view(entry.object, entry.view_format, &entry.counters);
   } else if (entry.kind == NodeKind::kImage) {
     if (entry.manifest) {
@@ -412,8 +480,16 @@ std::string Catalog::stats_json(const std::string& extra) const {
     } else if (entry.manifest &&
                std::holds_alternative<formats::DownloadManifest>(*entry.manifest)) {
       out += "\"download\"";
+    } else if (entry.disk_of) {
+      out += "\"disk\"";
     } else {
       out += "\"bundle\"";
+    }
+    if (entry.layout.kind != formats::DiskLayoutKind::kUnknown) {
+      out += ",\"layout\":\"";
+      out += formats::disk_layout_kind_name(entry.layout.kind);
+      out += "\",\"content\":";
+      append_json_string(out, entry.layout.name);
     }
     if (entry.member_format != formats::DiskFormat::kRaw) {
       out += ",\"bundled_format\":\"";

@@ -35,6 +35,9 @@ struct CatalogEntry {
   formats::DiskFormat view_format = formats::DiskFormat::kRaw;  // raw views "K.raw" of object K
   formats::DiskFormat member_format = formats::DiskFormat::kRaw;  // a disk image in a bundle
   std::vector<std::string> extent_keys;  // files a VMDK view's descriptor keeps its data in
+  formats::DiskLayout layout;            // of a raw image, from its first bytes
+  // "K.disk", the whole disk synthesized around the partition image K: K's entry.
+  std::shared_ptr<CatalogEntry> disk_of;
   Status manifest_status;                  // why it did not
   uint64_t size = 0;
   IoCounters counters;
@@ -118,6 +121,11 @@ class Catalog {
   // Runs without mutex_ held except to read and update the maps.
   Result<std::shared_ptr<const CatalogTree>> list_and_build();
   uint64_t inode_for(const std::string& path);  // REQUIRES(mutex_)
+  // The whole disk "K.disk" around image K when K is a partition image, else null; reused
+  // from `known` while K's entry is.
+  std::shared_ptr<CatalogEntry> disk_view_for(
+      const std::shared_ptr<CatalogEntry>& image,
+      const std::unordered_map<std::string, std::shared_ptr<CatalogEntry>>& known);
   // The raw view "K.raw" of object K when K is a disk image in a known format, else null;
   // reused from `known` while K's ETag is unchanged.
   std::shared_ptr<CatalogEntry> raw_view_for(

@@ -85,18 +85,37 @@ Result<formats::OpenedBundle> ImageOpener::open_bundle_chain(
                                       options);
 }
 
-Result<formats::DiskFormat> ImageOpener::peek_member_format(
-    const remote::ObjectInfo& manifest_object, const ParsedManifest& manifest,
-    IoCounters* counters) const {
-  if (std::holds_alternative<formats::ImportManifest>(manifest)) return formats::DiskFormat::kRaw;
-  formats::BundleStackOptions options = bundle_options(manifest_object);
-  options.verify_parts = false;
-  options.load_index = nullptr;
-  auto bundle = open_bundle_chain(manifest_object, manifest, options, counters);
-  if (!bundle.ok()) return bundle.status().with_context(manifest_object.key);
-  auto format = formats::detect_disk_format_by_head(*bundle->image);
-  if (!format.ok()) return format.status().with_context(manifest_object.key);
-  return *format;
+Result<ImagePeek> ImageOpener::peek_image(const remote::ObjectInfo& manifest_object,
+                                          const ParsedManifest& manifest,
+                                          IoCounters* counters) const {
+  const std::string& name = manifest_object.key;
+  ImagePeek peek;
+  std::shared_ptr<const BlockSource> image;
+  if (const auto* import = std::get_if<formats::ImportManifest>(&manifest)) {
+    // A raw import's layout is in its first bytes, which its first part holds.
+    if (import->file_format != formats::ImportFileFormat::kRaw || import->parts.empty()) {
+      return peek;
+    }
+    auto first = store_.head(import->parts.front().key);
+    if (!first.ok()) return first.status().with_context(name);
+    image = std::make_shared<remote::ObjectSource>(store_, std::move(first).value(), counters);
+  } else {
+    formats::BundleStackOptions options = bundle_options(manifest_object);
+    options.verify_parts = false;
+    options.load_index = nullptr;
+    auto bundle = open_bundle_chain(manifest_object, manifest, options, counters);
+    if (!bundle.ok()) return bundle.status().with_context(name);
+    image = std::move(bundle->image);
+    auto format = formats::detect_disk_format_by_head(*image);
+    if (!format.ok()) return format.status().with_context(name);
+    peek.format = *format;
+  }
+  if (peek.format == formats::DiskFormat::kRaw) {
+    auto layout = formats::detect_disk_layout(*image);
+    if (!layout.ok()) return layout.status().with_context(name);
+    peek.layout = *layout;
+  }
+  return peek;
 }
 
 Result<OpenedImage> ImageOpener::open_manifest(const remote::ObjectInfo& manifest_object,

@@ -14,6 +14,7 @@
 #include "formats/bundle_keys.h"
 #include "formats/bundle_manifest.h"
 #include "formats/disk_format.h"
+#include "formats/disk_layout.h"
 #include "formats/image_stack.h"
 #include "formats/download_manifest.h"
 #include "formats/import_manifest.h"
@@ -52,6 +53,11 @@ struct OpenedImage {
   const cache::CachedSource* cached = nullptr;   // `source` itself; null without a cache
 };
 
+struct ImagePeek {
+  formats::DiskFormat format = formats::DiskFormat::kRaw;
+  formats::DiskLayout layout;  // of raw images only; kUnknown otherwise
+};
+
 class ImageOpener {
  public:
   // `store` and everything in `config` outlive the opener and every chain it opens.
@@ -69,12 +75,13 @@ class ImageOpener {
       const remote::ObjectInfo& manifest_object, const ParsedManifest& manifest,
       IoCounters* counters, formats::DiskFormat member_format = formats::DiskFormat::kRaw) const;
 
-  // The disk format of the image inside a bundle or download manifest's bundle (kRaw for
-  // imports), from its first 4 KiB read without verifying the parts: a few small range reads
-  // instead of whole parts. Only a hint; open_manifest checks it on verified bytes. Thread-safe.
-  Result<formats::DiskFormat> peek_member_format(const remote::ObjectInfo& manifest_object,
-                                                 const ParsedManifest& manifest,
-                                                 IoCounters* counters) const;
+  // What the first bytes of a manifest's image show: the disk format of a bundled image (an
+  // import's format is in its manifest), and the layout of a raw image (a partition table, or
+  // a bare filesystem). A bundle's bytes are read without verifying its parts (a few small
+  // range reads instead of whole parts): only a hint, which open_manifest checks on verified
+  // bytes. Thread-safe.
+  Result<ImagePeek> peek_image(const remote::ObjectInfo& manifest_object,
+                               const ParsedManifest& manifest, IoCounters* counters) const;
 
   // Opens an imported disk: its parts by key in the bucket, or by their pre-signed get-url
   // when the key is not there, concatenated by byte range. Formats other than RAW are
