@@ -11,6 +11,7 @@
 
 #include "formats/byte_order.h"
 #include "formats/checked_math.h"
+#include "formats/inflater.h"
 #include "formats/scope_exit.h"
 
 namespace imgfs::formats {
@@ -38,9 +39,7 @@ std::string hex(std::span<const uint8_t> bytes) {
 }
 
 uint32_t crc32_of(uint32_t crc, std::span<const std::byte> bytes) {
-  // zlib's crc32 takes a uInt length; spans here are at most one piece (64 KiB).
-  return static_cast<uint32_t>(
-      crc32(crc, reinterpret_cast<const Bytef*>(bytes.data()), static_cast<uInt>(bytes.size())));
+  return crc32_update(crc, bytes);
 }
 
 std::string zlib_message(const z_stream& strm, int ret) {
@@ -88,7 +87,11 @@ void copy_from_pieces(std::span<const std::byte* const> pieces, uint64_t offset,
   }
 }
 
-// Raw-deflate inflater that ends itself.
+// Raw-deflate zlib inflater that ends itself, for the frontier. The frontier stays on zlib because
+// it must stop at deflate block boundaries to record checkpoints (inflate with Z_BLOCK). ISA-L 2.30
+// has no such stop: a boundary shows only when a call happens to return at one, which small input
+// steps make likely for dynamic blocks but never for streams of fixed-Huffman blocks. Spans use
+// the faster engine (decode_span).
 struct RawInflater {
   z_stream strm{};
   bool ready = false;
@@ -151,6 +154,9 @@ Result<std::unique_ptr<GzipSource>> open_gzip(std::unique_ptr<BlockSource> lower
   if (lower == nullptr) return Status::InvalidArgument("open_gzip: no lower source");
   const std::string name = "gzip(" + lower->describe() + ")";
   if (options.span_bytes == 0) return Status::InvalidArgument(name + ": span_bytes is 0");
+  if (options.span_engine && !inflate_engine_available(*options.span_engine)) {
+    return Status::NotSupported(name + ": the requested inflate engine is not built in");
+  }
   if (options.alternate_sha1_range &&
       !checked_add(options.alternate_sha1_range->first, options.alternate_sha1_range->second)) {
     return Status::InvalidArgument(name + ": alternate_sha1_range overflows");
@@ -227,6 +233,7 @@ GzipSource::GzipSource(std::unique_ptr<BlockSource> lower, const GzipOptions& op
       options_(options),
       size_(size),
       lower_size_(lower_->size()),
+      span_engine_(options.span_engine.value_or(fastest_inflate_engine())),
       frontier_(std::move(frontier)),
       used_initial_index_(index != nullptr) {
   if (verified) {
@@ -472,7 +479,7 @@ Status GzipSource::step_body() const {
     f.in_end += length;
   }
   if (f.piece == nullptr || f.piece_used == kPieceBytes) {
-    auto piece = std::make_unique<std::byte[]>(kPieceBytes);
+    auto piece = std::make_unique_for_overwrite<std::byte[]>(kPieceBytes);
     f.piece = piece.get();
     f.piece_used = 0;
     std::lock_guard lock(mu_);
@@ -724,75 +731,78 @@ Result<std::shared_ptr<const GzipSource::Span>> GzipSource::decode_span(
     uint32_t span_crc) const {
   const std::string where = describe() + ": re-inflating the span at output offset " +
                             std::to_string(checkpoint.out_offset);
-  RawInflater inflater;
-  if (Status s = inflater.init(); !s.ok()) return s.with_context(where);
-  z_stream& strm = inflater.strm;
-  // With pending bits, the span's first bits are the top of the byte before in_offset.
+  Result<std::unique_ptr<Inflater>> made = make_inflater(span_engine_);
+  if (!made.ok()) return made.status().with_context(where);
+  Inflater& inflater = **made;
+  std::vector<std::byte> window(checkpoint.window_bytes);
+  if (checkpoint.window_bytes != 0) {
+    if (Status s = unpack_window(checkpoint, window); !s.ok()) return s.with_context(where);
+  }
+  // With pending bits, the span's first bits are the top of the byte before in_offset, which
+  // the first chunk then starts with.
   uint64_t in_pos = checkpoint.in_offset;
   if (checkpoint.bits != 0) {
     if (in_pos == 0) return Status::Corruption(where + ": bad checkpoint");
     --in_pos;
   }
-  bool primed = checkpoint.bits == 0;
-  if (checkpoint.window_bytes != 0) {
-    std::vector<std::byte> window(checkpoint.window_bytes);
-    if (Status s = unpack_window(checkpoint, window); !s.ok()) return s.with_context(where);
-    if (inflateSetDictionary(&strm, reinterpret_cast<const Bytef*>(window.data()),
-                             static_cast<uInt>(window.size())) != Z_OK) {
-      return Status::Corruption(where + ": inflateSetDictionary failed");
-    }
-  }
+  bool started = false;
   auto span = std::make_shared<Span>();
   std::vector<std::byte> input(kInputChunkBytes);
+  std::span<const std::byte> pending;  // read but not yet consumed
   uint64_t produced_total = 0;
   uint32_t crc = crc32_of(0, {});
   size_t piece_used = kPieceBytes;
+  bool starved = true;  // the engine needs input before it can make progress
   while (produced_total < span_length) {
-    if (strm.avail_in == 0) {
+    // An engine may hold decoded output back (ISA-L decodes ahead into its own buffer), so new
+    // input is read only once a call with none left produced nothing.
+    if (pending.empty() && starved) {
+      starved = false;
       if (in_pos >= in_bound) {
         return Status::Corruption(where + ": compressed data ended early at offset " +
                                   std::to_string(in_pos));
       }
       const uint64_t length = std::min(kInputChunkBytes, in_bound - in_pos);
       if (Status s = read_lower(in_pos, std::span(input).first(length)); !s.ok()) return s;
-      strm.next_in = reinterpret_cast<Bytef*>(input.data());
-      strm.avail_in = static_cast<uInt>(length);
+      pending = std::span<const std::byte>(input).first(length);
       in_pos += length;
-      if (!primed) {
-        const int top_bits = std::to_integer<int>(input[0]) >> (8 - checkpoint.bits);
-        if (inflatePrime(&strm, checkpoint.bits, top_bits) != Z_OK) {
-          return Status::Corruption(where + ": inflatePrime failed");
+      if (!started) {
+        uint8_t first_bits = 0;
+        if (checkpoint.bits != 0) {
+          first_bits =
+              static_cast<uint8_t>(std::to_integer<unsigned>(pending[0]) >> (8 - checkpoint.bits));
+          pending = pending.subspan(1);
         }
-        ++strm.next_in;
-        --strm.avail_in;
-        primed = true;
+        if (Status s = inflater.reset(window, checkpoint.bits, first_bits); !s.ok()) {
+          return s.with_context(where);
+        }
+        started = true;
         continue;
       }
     }
     if (piece_used == kPieceBytes) {
-      span->pieces.push_back(std::make_unique<std::byte[]>(kPieceBytes));
+      span->pieces.push_back(std::make_unique_for_overwrite<std::byte[]>(kPieceBytes));
       piece_used = 0;
     }
     std::byte* const out = span->pieces.back().get() + piece_used;
-    const uInt room = static_cast<uInt>(
+    const size_t room = static_cast<size_t>(
         std::min<uint64_t>(kPieceBytes - piece_used, span_length - produced_total));
-    strm.next_out = reinterpret_cast<Bytef*>(out);
-    strm.avail_out = room;
-    const uInt avail_in_before = strm.avail_in;
-    const int ret = inflate(&strm, Z_NO_FLUSH);
-    const size_t produced = room - strm.avail_out;
-    if (ret != Z_OK && ret != Z_STREAM_END && ret != Z_BUF_ERROR) {
-      return Status::Corruption(where + ": inflate failed near compressed offset " +
-                                std::to_string(in_pos - strm.avail_in) + ": " +
-                                zlib_message(strm, ret));
+    Result<InflateProgress> progress = inflater.inflate(pending, std::span(out, room));
+    if (!progress.ok()) {
+      return Status::Corruption(where + " near compressed offset " +
+                                std::to_string(in_pos - pending.size()) + ": " +
+                                progress.status().message());
     }
-    if (ret == Z_BUF_ERROR && produced == 0 && strm.avail_in == avail_in_before) {
+    pending = pending.subspan(progress->consumed);
+    if (progress->consumed == 0 && progress->produced == 0 && !pending.empty()) {
+      // The engine had input and room and still could not move: the data cannot be decoded.
       return Status::Corruption(where + ": inflate made no progress");
     }
-    crc = crc32_of(crc, std::span<const std::byte>(out, produced));
-    piece_used += produced;
-    produced_total += produced;
-    if (ret == Z_STREAM_END && produced_total < span_length) {
+    starved = progress->produced == 0 && pending.empty();
+    crc = crc32_of(crc, std::span<const std::byte>(out, progress->produced));
+    piece_used += progress->produced;
+    produced_total += progress->produced;
+    if (progress->stream_end && produced_total < span_length) {
       return Status::Corruption(where + ": the gzip member ended inside the span");
     }
   }

@@ -5,7 +5,8 @@
 // records a checkpoint (compressed offset, bit offset, packed 32 KiB window) at deflate block
 // boundaries about every span_bytes of output, and at every member start. Span i is the output
 // [checkpoint i, checkpoint i+1). Spans behind the frontier are re-inflated from their checkpoint
-// on demand and kept in a byte-bounded LRU. The frontier also checks each member's CRC32 and
+// on demand, with the fastest inflate engine built in (ISA-L when present, formats/inflater.h),
+// and kept in a byte-bounded LRU. The frontier also checks each member's CRC32 and
 // ISIZE, the total size, and the SHA1 of the whole output against the manifest.
 //
 // The index can be saved (snapshot_index) and given to a later open (GzipOptions::initial_index),
@@ -33,6 +34,7 @@
 
 #include "formats/block_source.h"
 #include "formats/gzip_index.h"
+#include "formats/inflater.h"
 #include "formats/status.h"
 
 namespace imgfs::formats {
@@ -63,6 +65,9 @@ struct GzipOptions {
   // finish_tail_bytes + 1 bytes wait for. Either way each span decoded from it must match its
   // stored CRC32, so a stale or forged window gives Corruption, not wrong bytes.
   std::shared_ptr<const GzipIndexSnapshot> initial_index;
+  // The engine that re-inflates spans from checkpoints; unset means the fastest one built in
+  // (ISA-L when present). The frontier always inflates with zlib (see gzip_source.cc).
+  std::optional<InflateEngine> span_engine;
 };
 
 class GzipSource final : public BlockSource {
@@ -161,6 +166,7 @@ class GzipSource final : public BlockSource {
   const GzipOptions options_;
   const uint64_t size_;
   const uint64_t lower_size_;
+  const InflateEngine span_engine_;
 
   // Owned by the reader that set advancing_; handed over through mu_.
   const std::unique_ptr<Frontier> frontier_;

@@ -870,5 +870,48 @@ TEST(GzipSourceTest, IndexFileBytesPerCheckpoint) {
   }
 }
 
+class GzipEngineTest : public ::testing::TestWithParam<std::tuple<InflateEngine, int, uint64_t>> {};
+
+// Spans re-inflated from the frontier's checkpoints by each engine give the reference bytes, on
+// stored, fast, default, best and flushed streams, and from a loaded index (no frontier).
+TEST_P(GzipEngineTest, SpansMatchReference) {
+  const auto [engine, level, flush_every] = GetParam();
+  if (!inflate_engine_available(engine)) GTEST_SKIP() << "engine not built in";
+  const Fixture& f = fixture(level, flush_every);
+  GzipOptions options;
+  options.span_engine = engine;
+  options.span_cache_bytes = 1;
+  options.expected_sha1 = sha1(f.data);
+  Opened opened = open(f.compressed, options);
+  ASSERT_NE(opened.gzip, nullptr);
+  check_everything(*opened.gzip, f.data);
+  GzipOptions loaded = options;
+  loaded.initial_index = reload(opened.gzip->snapshot_index(), f.compressed.size(), f.data.size());
+  Opened second = open(f.compressed, loaded);
+  ASSERT_NE(second.gzip, nullptr);
+  EXPECT_TRUE(second.gzip->used_initial_index());
+  check_everything(*second.gzip, f.data);
+}
+
+INSTANTIATE_TEST_SUITE_P(EnginesAndLevels, GzipEngineTest,
+                         ::testing::Combine(::testing::Values(InflateEngine::kZlib,
+                                                              InflateEngine::kIsal),
+                                            ::testing::Values(0, 1, 9),
+                                            ::testing::Values(uint64_t{0}, uint64_t{100000})));
+
+TEST(GzipSourceTest, UnavailableEngineIsRefusedAtOpen) {
+  for (InflateEngine engine : {InflateEngine::kZlib, InflateEngine::kIsal}) {
+    GzipOptions options;
+    options.span_engine = engine;
+    Result<std::unique_ptr<GzipSource>> source =
+        open_gzip(std::make_unique<MemorySource>(fixture(6).compressed), options);
+    if (inflate_engine_available(engine)) {
+      EXPECT_TRUE(source.ok());
+    } else {
+      EXPECT_EQ(source.status().code(), StatusCode::kNotSupported);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace imgfs::formats
