@@ -44,12 +44,7 @@ Result<std::unique_ptr<PrefetchSource>> open_prefetch(std::unique_ptr<BlockSourc
 
 PrefetchSource::PrefetchSource(std::unique_ptr<BlockSource> lower, PrefetchOptions options,
                                MemoryBudget& budget)
-    : lower_(std::move(lower)), options_(options), budget_(budget), size_(lower_->size()) {
-  workers_.reserve(options_.threads);
-  for (unsigned i = 0; i < options_.threads; ++i) {
-    workers_.emplace_back([this] { worker_loop(); });
-  }
-}
+    : lower_(std::move(lower)), options_(options), budget_(budget), size_(lower_->size()) {}
 
 PrefetchSource::~PrefetchSource() {
   {
@@ -82,7 +77,17 @@ Status PrefetchSource::read_at(uint64_t offset, std::span<std::byte> out) const 
     pieces = plan_read(offset, end);
     queued = track_read(offset, end);
   }
-  if (queued) work_cv_.notify_all();
+  if (queued) {
+    // The workers start with the first prefetch, not at construction: a mount opens some
+    // chains before it forks into the background, and threads do not survive a fork.
+    std::call_once(workers_started_, [this] {
+      workers_.reserve(options_.threads);
+      for (unsigned i = 0; i < options_.threads; ++i) {
+        workers_.emplace_back([this] { worker_loop(); });
+      }
+    });
+    work_cv_.notify_all();
+  }
 
   for (const Piece& piece : pieces) {
     std::span<std::byte> dest = out.subspan(piece.start - offset, piece.end - piece.start);

@@ -82,7 +82,8 @@ class PrefetchSource final : public BlockSource {
   static constexpr uint64_t kMaxWindowChunks = 1024;
 
   // Requires lower != nullptr and options accepted by open_prefetch. `budget` outlives this
-  // source. Starts options.threads worker threads, joined by the destructor.
+  // source. The first read that queues a chunk starts options.threads worker threads, joined
+  // by the destructor.
   PrefetchSource(std::unique_ptr<BlockSource> lower, PrefetchOptions options,
                  MemoryBudget& budget);
   // Cancels queued fetches, waits for the ones in flight, and joins the workers. No read_at
@@ -180,7 +181,9 @@ class PrefetchSource final : public BlockSource {
   mutable std::atomic<uint64_t> bytes_prefetched_{0};
   mutable std::atomic<uint64_t> bytes_from_prefetch_{0};
 
-  std::vector<std::thread> workers_;  // last member: started after everything above exists
+  // Started by the first read that queues a chunk, after everything above exists.
+  mutable std::once_flag workers_started_;
+  mutable std::vector<std::thread> workers_;
 };
 
 // Validates the options and builds a PrefetchSource.

@@ -112,7 +112,8 @@ const CatalogNode* CatalogTree::child(uint64_t parent, const std::string& name) 
 }
 
 Catalog::Catalog(const ImageOpener& opener, std::string prefix, Logger& log,
-                 const cache::BlockStore* block_store, uint32_t list_ttl_seconds)
+                 const cache::BlockStore* block_store, uint32_t list_ttl_seconds,
+                 bool background_index)
     : opener_(opener),
       prefix_(std::move(prefix)),
       log_(log),
@@ -120,14 +121,18 @@ Catalog::Catalog(const ImageOpener& opener, std::string prefix, Logger& log,
       list_ttl_seconds_(list_ttl_seconds),
       built_at_(std::time(nullptr)) {
   inode_by_path_["/"] = kRootInode;
+  if (background_index) {
+    indexer_ = std::make_unique<BackgroundIndexer>(log_, [this] { save_indexes(); });
+  }
 }
 
 Result<std::unique_ptr<Catalog>> Catalog::build(const ImageOpener& opener, std::string prefix,
                                                 Logger& log,
                                                 const cache::BlockStore* block_store,
-                                                uint32_t list_ttl_seconds) {
-  std::unique_ptr<Catalog> catalog(
-      new Catalog(opener, std::move(prefix), log, block_store, list_ttl_seconds));
+                                                uint32_t list_ttl_seconds,
+                                                bool background_index) {
+  std::unique_ptr<Catalog> catalog(new Catalog(opener, std::move(prefix), log, block_store,
+                                               list_ttl_seconds, background_index));
   auto tree = catalog->list_and_build();
   if (!tree.ok()) return tree.status();
   catalog->tree_ = std::move(tree).value();
@@ -204,7 +209,11 @@ Result<std::shared_ptr<const CatalogTree>> Catalog::list_and_build() {
   for (const remote::ObjectInfo& object : *listing) {
     const std::string relative = object.key.substr(prefix_.size());
     std::string image_path = formats::image_key_for_manifest(relative);
-    if (image_path.empty()) continue;
+    if (image_path.empty()) {
+      // Indexes published beside manifests are imgfs's own metadata.
+      if (is_index_sidecar_key(object.key)) hidden_keys.insert(object.key);
+      continue;
+    }
     auto entry = entry_for(object, NodeKind::kImage, image_path);
     if (entry->manifest) {
       for (std::string& key : part_keys_of(object.key, *entry->manifest)) {
@@ -370,7 +379,13 @@ Result<std::shared_ptr<const BlockSource>> Catalog::open_source(CatalogEntry& en
                                                                 const std::string& path) {
   std::unique_lock lock(entry.mutex);
   entry.opened.wait(lock, [&] { return !entry.opening; });
-  if (entry.source) return entry.source;
+  if (entry.source) {
+    std::shared_ptr<const BlockSource> source = entry.source;
+    const formats::GzipSource* gzip = entry.gzip;
+    lock.unlock();
+    if (indexer_ && gzip != nullptr) indexer_->request(source, gzip, path);
+    return source;
+  }
   entry.opening = true;
   lock.unlock();
 
@@ -414,7 +429,9 @@ Result<std::shared_ptr<const BlockSource>> Catalog::open_source(CatalogEntry& en
   entry.gzip = opened->gzip;
   entry.cached = opened->cached;
   entry.last_error = Status::OK();
-  return entry.source;
+  lock.unlock();
+  if (indexer_ && opened->gzip != nullptr) indexer_->request(opened->source, opened->gzip, path);
+  return opened->source;
 }
 
 void Catalog::save_indexes() {
@@ -439,6 +456,13 @@ void Catalog::save_indexes() {
     }
     if (Status s = store->save(index_id(entry->object), bytes); !s.ok()) {
       log_.error("gzip index of " + entry->object.key + ": " + s.to_string());
+    }
+    if (opener_.publishes_indexes()) {
+      if (Status s = opener_.publish_index(entry->object, bytes); s.ok()) {
+        log_.info("published the gzip index of " + entry->object.key);
+      } else {
+        log_.error("publishing the gzip index of " + entry->object.key + ": " + s.to_string());
+      }
     }
   }
 }
@@ -506,8 +530,20 @@ std::string Catalog::stats_json(const std::string& extra) const {
     out += ",\"cache_bytes\":" +
            std::to_string(entry.cached != nullptr ? entry.cached->cached_bytes() : 0);
     if (entry.gzip != nullptr) {
-      out += ",\"inflated_bytes\":" + std::to_string(entry.gzip->inflated_bytes());
+      const uint64_t inflated = entry.gzip->inflated_bytes();
+      const uint64_t total = entry.gzip->size();
+      out += ",\"inflated_bytes\":" + std::to_string(inflated);
       out += ",\"checkpoints\":" + std::to_string(entry.gzip->checkpoint_count());
+      out += ",\"indexed_percent\":" +
+             std::to_string(entry.gzip->fully_indexed() || total == 0 ? 100
+                                                                       : inflated * 100 / total);
+      out += ",\"index_from_saved\":";
+      out += entry.gzip->used_initial_index() ? "true" : "false";
+      if (indexer_) {
+        out += ",\"background_index\":\"";
+        out += BackgroundIndexer::state_name(indexer_->state(entry.gzip));
+        out += "\"";
+      }
     }
     out += '}';
   }

@@ -19,6 +19,7 @@
 
 #include "formats/block_source.h"
 #include "formats/io_counters.h"
+#include "fusefs/background_indexer.h"
 #include "fusefs/image_opener.h"
 #include "fusefs/logger.h"
 
@@ -80,10 +81,13 @@ class Catalog {
   // Lists `store` under `prefix` (a folder prefix ending in '/', or ""), reads every manifest
   // and builds the first tree; fails when that first listing fails. `opener`, `log` and
   // `block_store` (may be null) outlive the catalog. `list_ttl_seconds` = 0 lists once only.
+  // With `background_index`, every opened bundle is inflated to its end by a background pass
+  // (see BackgroundIndexer), whose index is then saved (and published, if configured).
   static Result<std::unique_ptr<Catalog>> build(const ImageOpener& opener, std::string prefix,
                                                 Logger& log,
                                                 const cache::BlockStore* block_store,
-                                                uint32_t list_ttl_seconds);
+                                                uint32_t list_ttl_seconds,
+                                                bool background_index);
 
   // The current tree; when it is older than the TTL, the calling thread lists again first
   // (one at a time; others keep the current tree). A failed listing keeps the old tree and is
@@ -96,8 +100,9 @@ class Catalog {
                                                          const std::string& path);
 
   // Saves the gzip index of every bundle that has been inflated to its end and verified, and
-  // was not started from a saved index (one file each; see IndexStore). Called when a file is
-  // released and at unmount. Thread-safe. Failures are logged.
+  // was not started from a saved index (one file each; see IndexStore), and publishes it beside
+  // its manifest when the opener signs indexes. Called when a file is released, when a
+  // background pass ends and at unmount. Thread-safe. Failures are logged.
   void save_indexes();
 
   // The live counters as JSON: mount totals at the top, per image under "images". `extra`
@@ -115,7 +120,8 @@ class Catalog {
 
  private:
   Catalog(const ImageOpener& opener, std::string prefix, Logger& log,
-          const cache::BlockStore* block_store, uint32_t list_ttl_seconds);
+          const cache::BlockStore* block_store, uint32_t list_ttl_seconds,
+          bool background_index);
 
   // Lists the store and builds a new tree, reusing entries whose key and ETag are unchanged.
   // Runs without mutex_ held except to read and update the maps.
@@ -148,6 +154,9 @@ class Catalog {
   std::unordered_map<std::string, uint64_t> inode_by_path_;  // GUARDED_BY(mutex_)
   // key + "\n" + etag -> entry, for reuse across listings.
   std::unordered_map<std::string, std::shared_ptr<CatalogEntry>> entries_;  // GUARDED_BY(mutex_)
+
+  // Last: destroyed first, so its pass (which calls save_indexes) ends while all else lives.
+  std::unique_ptr<BackgroundIndexer> indexer_;  // null without background indexing
 };
 
 }  // namespace imgfs::fusefs

@@ -1,6 +1,7 @@
 #include "fusefs/image_opener.h"
 
 #include "formats/concat_source.h"
+#include "formats/index_signature.h"
 #include "remote/object_source.h"
 #include "remote/url_source.h"
 
@@ -219,18 +220,28 @@ Result<OpenedImage> ImageOpener::open_disk_view(const remote::ObjectInfo& object
 void ImageOpener::add_cache(std::unique_ptr<BlockSource> chain, const std::string& source_id,
                             const std::string& etag, IoCounters* counters,
                             OpenedImage& opened) const {
-  if (config_.block_store == nullptr) {
-    opened.source = std::move(chain);
-    return;
+  if (config_.block_store != nullptr) {
+    auto cached = std::make_unique<cache::CachedSource>(std::move(chain), *config_.block_store,
+                                                        source_id, etag,
+                                                        config_.cache_block_bytes, counters);
+    opened.cached = cached.get();
+    chain = std::move(cached);
   }
-  auto cached = std::make_shared<cache::CachedSource>(
-      std::move(chain), *config_.block_store, source_id, etag, config_.cache_block_bytes, counters);
-  opened.cached = cached.get();
-  opened.source = std::move(cached);
+  if (config_.prefetch_budget != nullptr) {
+    chain = std::make_unique<cache::PrefetchSource>(std::move(chain), config_.prefetch,
+                                                    *config_.prefetch_budget);
+  }
+  opened.source = std::move(chain);
 }
 
 std::string index_id(const remote::ObjectInfo& manifest_object) {
   return "gzip-index\n" + manifest_object.key + "\n" + manifest_object.etag;
+}
+
+bool is_index_sidecar_key(const std::string& key) {
+  const std::string_view suffix = formats::kIndexSidecarSuffix;
+  return key.size() > suffix.size() && key.ends_with(suffix) &&
+         !formats::image_key_for_manifest(key.substr(0, key.size() - suffix.size())).empty();
 }
 
 formats::BundleStackOptions ImageOpener::bundle_options(
@@ -239,12 +250,40 @@ formats::BundleStackOptions ImageOpener::bundle_options(
   options.keys = config_.keys;
   options.verify_cert = config_.verify_cert;
   options.part_pool = config_.part_pool;
-  if (config_.index_store != nullptr) {
-    options.load_index = [store = config_.index_store, id = index_id(manifest_object)] {
-      return store->load(id);
+  if (config_.index_store != nullptr || !config_.index_trusted.empty()) {
+    options.load_index = [this, manifest_object]() -> std::optional<std::vector<std::byte>> {
+      const std::string id = index_id(manifest_object);
+      if (config_.index_store != nullptr) {
+        if (auto saved = config_.index_store->load(id)) return saved;
+      }
+      return load_published_index(manifest_object);
     };
   }
   return options;
+}
+
+std::optional<std::vector<std::byte>> ImageOpener::load_published_index(
+    const remote::ObjectInfo& manifest_object) const {
+  if (config_.index_trusted.empty()) return std::nullopt;
+  auto sidecar = store_.head(manifest_object.key + std::string(formats::kIndexSidecarSuffix));
+  if (!sidecar.ok() || sidecar->size > formats::kMaxSidecarIndexBytes + (2u << 20)) {
+    return std::nullopt;
+  }
+  std::vector<std::byte> bytes(sidecar->size);
+  if (!store_.read_range(*sidecar, 0, bytes).ok()) return std::nullopt;
+  auto index = formats::verify_index_sidecar(bytes, config_.index_trusted,
+                                             index_id(manifest_object));
+  if (!index.ok()) return std::nullopt;
+  return std::move(index).value();
+}
+
+Status ImageOpener::publish_index(const remote::ObjectInfo& manifest_object,
+                                  std::span<const std::byte> serialized_index) const {
+  if (config_.index_signer == nullptr) return Status::InvalidArgument("no --publish-index key");
+  auto sidecar = formats::sign_index_sidecar(serialized_index, *config_.index_signer,
+                                             index_id(manifest_object));
+  if (!sidecar.ok()) return sidecar.status();
+  return store_.put(manifest_object.key + std::string(formats::kIndexSidecarSuffix), *sidecar);
 }
 
 Result<OpenedImage> ImageOpener::open_object(const remote::ObjectInfo& object,

@@ -10,6 +10,7 @@
 
 #include "cache/block_store.h"
 #include "cache/cached_source.h"
+#include "cache/prefetch_source.h"
 #include "formats/block_source.h"
 #include "formats/bundle_keys.h"
 #include "formats/bundle_manifest.h"
@@ -31,7 +32,17 @@ struct ImageOpenerConfig {
   formats::VerifiedPartPool* part_pool = nullptr;  // required
   cache::BlockStore* block_store = nullptr;        // null: no on-disk cache
   const IndexStore* index_store = nullptr;         // null: gzip indexes are not kept
+  // Signs the indexes publish_index uploads beside their manifests; null: none are uploaded.
+  const formats::PrivateKey* index_signer = nullptr;
+  // Indexes published beside a manifest are used when one of these signed them (and no local
+  // index is kept); empty: published indexes are ignored.
+  std::vector<const formats::Certificate*> index_trusted;
   uint32_t cache_block_bytes = 256u << 10;
+  // Sequential readers of a chain get an adaptive read-ahead window on top of the cache, its
+  // buffers charged to this budget; null: no read-ahead. `prefetch` must be options that
+  // cache::open_prefetch accepts (the mount checks them at start).
+  cache::MemoryBudget* prefetch_budget = nullptr;
+  cache::PrefetchOptions prefetch;
 };
 
 // A manifest object, parsed: a bundle manifest (2007-10-10), an import manifest (2010-11-15) or
@@ -99,11 +110,24 @@ class ImageOpener {
   // Opens a plain object as itself, through the cache. Thread-safe.
   Result<OpenedImage> open_object(const remote::ObjectInfo& object, IoCounters* counters) const;
 
+  // Signs a complete gzip index (serialize_gzip_index) with config.index_signer and uploads it
+  // beside its manifest as K.manifest.xml.imgfs-index, bound to this manifest version.
+  // Thread-safe. Errors: InvalidArgument (no signer), and those of signing and store.put.
+  Status publish_index(const remote::ObjectInfo& manifest_object,
+                       std::span<const std::byte> serialized_index) const;
+
+  bool publishes_indexes() const { return config_.index_signer != nullptr; }
   const remote::ObjectStore& store() const { return store_; }
   const IndexStore* index_store() const { return config_.index_store; }
 
  private:
-  // Options for a bundle chain; its saved gzip index, if any, is looked up by index_id().
+  // The index published beside a manifest when a trusted key signed it for this manifest
+  // version; nullopt when there is none or it does not check out (it is then rebuilt).
+  std::optional<std::vector<std::byte>> load_published_index(
+      const remote::ObjectInfo& manifest_object) const;
+
+  // Options for a bundle chain; its gzip index is the one kept in the cache directory (by
+  // index_id()), else a trusted published one.
   formats::BundleStackOptions bundle_options(const remote::ObjectInfo& manifest_object) const;
 
   // Opens the bundle chain of a bundle or download manifest, its parts verified or not.
@@ -112,7 +136,8 @@ class ImageOpener {
                                                   const formats::BundleStackOptions& options,
                                                   IoCounters* counters) const;
 
-  // Puts the cache on top of `chain` (when there is one) and fills opened.source/cached.
+  // Puts the cache, then read-ahead, on top of `chain` (when configured) and fills
+  // opened.source/cached.
   void add_cache(std::unique_ptr<BlockSource> chain, const std::string& source_id,
                  const std::string& etag, IoCounters* counters, OpenedImage& opened) const;
 
@@ -120,8 +145,12 @@ class ImageOpener {
   const ImageOpenerConfig config_;
 };
 
-// Names the saved gzip index of one manifest version (its key and ETag pin every part).
+// Names the saved gzip index of one manifest version (its key and ETag pin every part); also
+// what a published index is bound to.
 std::string index_id(const remote::ObjectInfo& manifest_object);
+
+// True for the key of an index published beside a manifest (hidden from the mount's listing).
+bool is_index_sidecar_key(const std::string& key);
 
 // The folder part of a key, with its trailing '/', or "" at the top.
 std::string key_folder(const std::string& key);

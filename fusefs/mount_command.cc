@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "cache/block_store.h"
+#include "cache/prefetch_source.h"
 #include "formats/bundle_keys.h"
 #include "formats/verified_part_source.h"
 #include "fusefs/catalog.h"
@@ -122,6 +123,22 @@ int run_mount_command(const std::vector<std::string>& args) {
     verify_cert = std::move(cert).value();
   }
 
+  std::optional<formats::PrivateKey> index_signer;
+  if (options.publish_index_key) {
+    auto key = formats::PrivateKey::load_file(*options.publish_index_key);
+    if (!key.ok()) return fail(key.status().message());
+    index_signer = std::move(key).value();
+  }
+  std::vector<formats::Certificate> index_certs;
+  for (const std::string& path : options.index_cert_paths) {
+    auto cert = formats::Certificate::load_file(path);
+    if (!cert.ok()) return fail(cert.status().message());
+    index_certs.push_back(std::move(cert).value());
+  }
+  cache::PrefetchOptions prefetch;
+  prefetch.max_window = options.prefetch_window_bytes;
+  cache::MemoryBudget prefetch_budget(options.memory_limit_bytes);
+
   auto store = open_store(options);
   if (!store.ok()) return fail(store.status().to_string());
   if (options.insecure) log.error("--insecure: TLS certificates of the store are not verified");
@@ -147,10 +164,16 @@ int run_mount_command(const std::vector<std::string>& args) {
   config.block_store = block_store->get();
   config.index_store = index_store->get();
   config.cache_block_bytes = options.cache_block_bytes;
+  config.index_signer = index_signer ? &*index_signer : nullptr;
+  for (const formats::Certificate& cert : index_certs) config.index_trusted.push_back(&cert);
+  if (options.prefetch) {
+    config.prefetch_budget = &prefetch_budget;
+    config.prefetch = prefetch;
+  }
   ImageOpener opener(*store->store, config);
 
-  auto catalog =
-      Catalog::build(opener, store->prefix, log, block_store->get(), options.list_ttl_seconds);
+  auto catalog = Catalog::build(opener, store->prefix, log, block_store->get(),
+                                options.list_ttl_seconds, options.background_index);
   if (!catalog.ok()) return fail(catalog.status().to_string());
 
   FuseContext context{**catalog, log, store->stats};

@@ -103,6 +103,29 @@ Result<MountOptions> parse_mount_options(const std::vector<std::string>& args) {
       auto text = value();
       if (!text.ok()) return text.status();
       options.log_file = *text;
+    } else if (arg == "--publish-index") {
+      auto text = value();
+      if (!text.ok()) return text.status();
+      options.publish_index_key = *text;
+    } else if (arg == "--index-key") {
+      auto text = value();
+      if (!text.ok()) return text.status();
+      options.index_cert_paths.push_back(*text);
+    } else if (arg == "--memory-limit") {
+      status = size_value(options.memory_limit_bytes);
+      if (status.ok() && options.memory_limit_bytes < (4u << 20)) {
+        status = Status::InvalidArgument("--memory-limit must be at least 4M");
+      }
+    } else if (arg == "--prefetch-window") {
+      status = size_value(options.prefetch_window_bytes);
+      if (status.ok() && (options.prefetch_window_bytes < (1u << 20) ||
+                          options.prefetch_window_bytes > (1ull << 30))) {
+        status = Status::InvalidArgument("--prefetch-window must be from 1M to 1G");
+      }
+    } else if (arg == "--no-prefetch") {
+      options.prefetch = false;
+    } else if (arg == "--no-background-index") {
+      options.background_index = false;
     } else if (arg == "--cache-size") {
       status = size_value(options.cache_size_bytes);
     } else if (arg == "--part-memory") {

@@ -36,6 +36,12 @@ struct MountOptions {
   uint64_t cache_size_bytes = 1ull << 30;   // --cache-size
   uint64_t part_memory_bytes = 64ull << 20; // --part-memory: verified ciphertext kept in memory
   uint32_t cache_block_bytes = 256u << 10;  // --cache-block
+  uint64_t memory_limit_bytes = 256ull << 20;  // --memory-limit: all read-ahead buffers
+  uint64_t prefetch_window_bytes = 16ull << 20;  // --prefetch-window: largest read-ahead
+  bool prefetch = true;                     // --no-prefetch turns read-ahead off
+  bool background_index = true;             // --no-background-index
+  std::optional<std::string> publish_index_key;  // --publish-index: signs uploaded indexes
+  std::vector<std::string> index_cert_paths;     // --index-key, repeatable: trusted signers
   std::optional<std::string> log_file;      // --log-file
   bool foreground = false;                  // --foreground / -f
   bool allow_other = false;                 // --allow-other

@@ -118,21 +118,36 @@ s3_bucket_of() {
   echo "$bucket"
 }
 
-# mount_bucket FOLDER MOUNTPOINT NAME [imgfs options...]: mounts the bucket FOLDER stands for
-# (the folder itself, or a copy uploaded to s3rver), logging to $WORK/NAME.log.
-mount_bucket() {
-  local folder=$1 mnt=$2 name=$3
+# bucket_source FOLDER NAME: what imgfs mounts for the bucket FOLDER stands for: the folder
+# itself, or a new s3rver bucket holding a copy of it.
+bucket_source() {
+  case "$STORE" in
+    s3 | s3v2) echo "s3://$(s3_bucket_of "$1" "$2")" ;;
+    *) echo "$1" ;;
+  esac
+}
+
+# mount_source SOURCE MOUNTPOINT NAME [imgfs options...]: mounts SOURCE (from bucket_source),
+# logging to $WORK/NAME.log, with the store options the test store needs.
+mount_source() {
+  local source=$1 mnt=$2 name=$3
   shift 3
   mkdir -p "$mnt"
-  local source=$folder
   local store_options=()
   case "$STORE" in
-    s3) source="s3://$(s3_bucket_of "$folder" "$name")"; store_options=(--endpoint "$S3_ENDPOINT") ;;
-    s3v2) source="s3://$(s3_bucket_of "$folder" "$name")"; store_options=(--endpoint "$S3_ENDPOINT" --sigv2) ;;
+    s3) store_options=(--endpoint "$S3_ENDPOINT") ;;
+    s3v2) store_options=(--endpoint "$S3_ENDPOINT" --sigv2) ;;
   esac
   timeout 60 "$IMGFS" mount "$source" "$mnt" --cache-dir "$WORK/cache-$name" \
     --log-file "$WORK/$name.log" "${store_options[@]}" "$@" || fail "mount of $source failed"
   MOUNTS+=("$mnt")
+}
+
+# mount_bucket FOLDER MOUNTPOINT NAME [imgfs options...]: mounts the bucket FOLDER stands for.
+mount_bucket() {
+  local folder=$1 mnt=$2 name=$3
+  shift 3
+  mount_source "$(bucket_source "$folder" "$name")" "$mnt" "$name" "$@"
 }
 
 unmount() {

@@ -44,6 +44,28 @@ TEST(ParseMountOptions, Defaults) {
   EXPECT_EQ(options->cache_block_bytes, 256u << 10);
   EXPECT_FALSE(options->foreground);
   EXPECT_FALSE(options->cache_dir.empty());
+  EXPECT_EQ(options->memory_limit_bytes, 256ull << 20);
+  EXPECT_EQ(options->prefetch_window_bytes, 16ull << 20);
+  EXPECT_TRUE(options->prefetch);
+  EXPECT_TRUE(options->background_index);
+  EXPECT_FALSE(options->publish_index_key);
+  EXPECT_TRUE(options->index_cert_paths.empty());
+}
+
+TEST(ParseMountOptions, SpeedAndIndexOptions) {
+  auto options = parse_mount_options(
+      {"src", "mnt", "--memory-limit", "64M", "--prefetch-window", "32M", "--no-prefetch",
+       "--no-background-index", "--publish-index", "signer.pem", "--index-key", "a.pem",
+       "--index-key", "b.pem"});
+  ASSERT_TRUE(options.ok()) << options.status().to_string();
+  EXPECT_EQ(options->memory_limit_bytes, 64ull << 20);
+  EXPECT_EQ(options->prefetch_window_bytes, 32ull << 20);
+  EXPECT_FALSE(options->prefetch);
+  EXPECT_FALSE(options->background_index);
+  EXPECT_EQ(*options->publish_index_key, "signer.pem");
+  EXPECT_EQ(options->index_cert_paths, (std::vector<std::string>{"a.pem", "b.pem"}));
+  EXPECT_FALSE(parse_mount_options({"src", "mnt", "--memory-limit", "1M"}).ok());
+  EXPECT_FALSE(parse_mount_options({"src", "mnt", "--prefetch-window", "2G"}).ok());
 }
 
 TEST(ParseMountOptions, Errors) {
