@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/prefetch_command.h"
 #include "fusefs/mount_command.h"
 #include "remote/http_client.h"
 
@@ -18,6 +19,7 @@ constexpr char kUsage[] =
     "  cat PATH [--key PEM]... [--offset N] [--length N]\n"
     "  info PATH [--key PEM]...\n"
     "  verify PATH --key PEM...\n"
+    "  prefetch FILE... [--quiet]   (FILE inside a mount: index it and wait)\n"
     "  bundle IMAGE --cert CERT [--user-cert CERT --user-key KEY] [--prefix P] [--part-size N] -d DIR\n"
     "See imgfs(1).\n";
 
@@ -42,6 +44,7 @@ int main(int argc, char** argv) {
     if (command == "info") return imgfs::cli::run_info_command(args);
     if (command == "verify") return imgfs::cli::run_verify_command(args);
     if (command == "bundle") return imgfs::cli::run_bundle_command(args);
+    if (command == "prefetch") return imgfs::cli::run_prefetch_command(args);
     if (command == "--help" || command == "-h" || command == "help") {
       std::cout << kUsage;
       return 0;

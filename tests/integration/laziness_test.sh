@@ -61,10 +61,10 @@ SRC=$(bucket_source "$B" published)
 MB="$WORK/mnt-bg"
 mount_source "$SRC" "$MB" bg --key "$WORK/cloud-pk.pem" --publish-index "$WORK/indexer-pk.pem"
 timeout 30 dd if="$MB/big.img" of=/dev/null bs=4k count=1 status=none || fail "first read"
-for _ in $(seq 1 300); do
-  grep -q '"background_index":"done"' "$MB/.imgfs/stats.json" && break
-  sleep 0.2
-done
+# imgfs prefetch joins the pass that read started and waits for it.
+timeout 120 "$IMGFS" prefetch "$MB/big.img" >"$WORK/prefetch.out" 2>&1 ||
+  fail "imgfs prefetch: $(cat "$WORK/prefetch.out")"
+grep -q "big.img: ready" "$WORK/prefetch.out" || fail "imgfs prefetch said: $(cat "$WORK/prefetch.out")"
 grep -q '"background_index":"done","indexed_percent":100\|"indexed_percent":100,.*"background_index":"done"' \
   "$MB/.imgfs/stats.json" || fail "the background pass did not finish: $(cat "$MB/.imgfs/stats.json")"
 ls "$WORK/cache-bg/index/"*.gzi >/dev/null 2>&1 || fail "no index saved by the background pass"
@@ -105,7 +105,11 @@ grep -q "Input/output error" "$WORK/tampered.err" || fail "expected EIO: $(cat "
 grep -q "SHA1 mismatch" "$WORK/tampered.log" || fail "no SHA1 mismatch log line"
 GOOD=$(stat -c %s "$WORK/tampered.out")
 cmp -n "$GOOD" "$WORK/tampered.out" "$WORK/big.img" || fail "bytes served before the EIO are wrong"
-pass "a tampered part gives EIO after $GOOD good bytes, with a log line"
+if timeout 120 "$IMGFS" prefetch --quiet "$M2/big.img" 2>"$WORK/prefetch-bad.err"; then
+  fail "imgfs prefetch succeeded on a tampered bundle"
+fi
+grep -q "indexing failed" "$WORK/prefetch-bad.err" || fail "prefetch said: $(cat "$WORK/prefetch-bad.err")"
+pass "a tampered part gives EIO after $GOOD good bytes, with a log line; imgfs prefetch fails"
 unmount "$M2"
 
 # A manifest whose image digest is wrong: the stream end fails, so a full read ends in EIO.
