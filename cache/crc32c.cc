@@ -1,6 +1,7 @@
 #include "cache/crc32c.h"
 
 #include <array>
+#include <cstring>
 
 #include "formats/byte_order.h"
 
@@ -31,9 +32,7 @@ constexpr Tables make_tables() {
 
 constexpr Tables kTables = make_tables();
 
-}  // namespace
-
-uint32_t crc32c(std::span<const std::byte> data, uint32_t crc) {
+uint32_t crc32c_tables(std::span<const std::byte> data, uint32_t crc) {
   uint32_t state = ~crc;
   const std::byte* p = data.data();
   size_t left = data.size();
@@ -53,6 +52,41 @@ uint32_t crc32c(std::span<const std::byte> data, uint32_t crc) {
     --left;
   }
   return ~state;
+}
+
+#if defined(__x86_64__)
+// SSE4.2's crc32 instruction computes CRC-32C itself, several times faster than the tables;
+// every cache hit checks a whole block with it.
+__attribute__((target("sse4.2"))) uint32_t crc32c_sse42(std::span<const std::byte> data,
+                                                         uint32_t crc) {
+  uint64_t state = ~crc;
+  const std::byte* p = data.data();
+  size_t left = data.size();
+  while (left >= 8) {
+    uint64_t word;
+    std::memcpy(&word, p, sizeof word);
+    state = __builtin_ia32_crc32di(state, word);
+    p += 8;
+    left -= 8;
+  }
+  auto narrow = static_cast<uint32_t>(state);
+  while (left > 0) {
+    narrow = __builtin_ia32_crc32qi(narrow, std::to_integer<uint8_t>(*p));
+    ++p;
+    --left;
+  }
+  return ~narrow;
+}
+#endif
+
+}  // namespace
+
+uint32_t crc32c(std::span<const std::byte> data, uint32_t crc) {
+#if defined(__x86_64__)
+  static const bool has_sse42 = __builtin_cpu_supports("sse4.2");
+  if (has_sse42) return crc32c_sse42(data, crc);
+#endif
+  return crc32c_tables(data, crc);
 }
 
 }  // namespace imgfs::cache
