@@ -35,8 +35,9 @@ class CachedSource final : public BlockSource {
   uint64_t size() const override { return size_; }
 
   // Serves each cache block of the range (block i = [i*B, min((i+1)*B, size()))) from memory,
-  // from the store, or by reading the whole block from lower and storing it. One fill per
-  // block at a time: concurrent readers of a block being filled wait and share its bytes.
+  // from the store, or by reading whole blocks from lower (one read for each run of
+  // consecutive missing blocks) and storing them. One fill per block at a time: concurrent
+  // readers of a block being filled wait and share its bytes.
   // Counts kCacheHits per block served without a lower read and kCacheMisses per lower read.
   // A lower error goes to every reader waiting on that fill and is not cached; the next read
   // tries again. A block the store fails to keep is still served. Thread-safe.
@@ -63,10 +64,14 @@ class CachedSource final : public BlockSource {
     Block block;        // guarded by CachedSource::mu_
   };
 
-  // The bytes of block `index`, from memory, a fill in progress, the store or lower.
-  Result<Block> fetch_block(uint64_t index) const;
-  // Reads block `index` from the store or lower, outside any lock.
-  Result<Block> load_block(uint64_t index) const;
+  // The bytes of blocks [first, last], each from memory, a fill in progress, the store or
+  // lower; the blocks this reader claims are filled by it.
+  Result<std::vector<Block>> fetch_blocks(uint64_t first, uint64_t last) const;
+  // Fills blocks[i] for each claimed[i] (block first + i) from the store, or from lower with one
+  // read per run of consecutive misses; outside any lock. Returns the first lower error (the
+  // blocks it left unfilled stay null).
+  Status load_blocks(uint64_t first, const std::vector<std::shared_ptr<Fill>>& claimed,
+                     std::vector<Block>& blocks) const;
 
   const std::unique_ptr<BlockSource> lower_;
   BlockStore& store_;
