@@ -168,8 +168,7 @@ Result<OpenedImage> ImageOpener::open_import(const remote::ObjectInfo& manifest_
     auto info = store_.head(part.key);
     if (info.ok()) {
       sizes.push_back(info->size);
-      parts.push_back(std::make_unique<remote::ObjectSource>(store_, std::move(info).value(),
-                                                             counters));
+      parts.push_back(format_input(std::move(info).value(), counters));
       continue;
     }
     if (info.status().code() != StatusCode::kNotFound || part.get_url.empty()) {
@@ -204,17 +203,24 @@ Result<OpenedImage> ImageOpener::open_disk_view(const remote::ObjectInfo& object
       [this, folder, counters](std::string_view name) -> Result<std::unique_ptr<BlockSource>> {
     auto info = store_.head(folder + std::string(name));
     if (!info.ok()) return info.status();
-    return std::unique_ptr<BlockSource>(
-        std::make_unique<remote::ObjectSource>(store_, std::move(info).value(), counters));
+    return format_input(std::move(info).value(), counters);
   };
-  auto disk = formats::open_disk_format(
-      format, std::make_unique<remote::ObjectSource>(store_, object, counters), open_sibling);
+  auto disk = formats::open_disk_format(format, format_input(object, counters), open_sibling);
   if (!disk.ok()) return disk.status().with_context(object.key);
   OpenedImage opened;
   add_cache(std::move(disk).value(),
             "view:" + std::string(formats::disk_format_name(format)) + ":" + object.key,
             object.etag, counters, opened);
   return opened;
+}
+
+std::unique_ptr<BlockSource> ImageOpener::format_input(remote::ObjectInfo object,
+                                                       IoCounters* counters) const {
+  std::unique_ptr<BlockSource> source =
+      std::make_unique<remote::ObjectSource>(store_, std::move(object), counters);
+  if (config_.prefetch_budget == nullptr) return source;
+  return std::make_unique<cache::PrefetchSource>(std::move(source), config_.prefetch,
+                                                 *config_.prefetch_budget);
 }
 
 void ImageOpener::add_cache(std::unique_ptr<BlockSource> chain, const std::string& source_id,

@@ -136,6 +136,11 @@ class ImageOpener {
                                                   const formats::BundleStackOptions& options,
                                                   IoCounters* counters) const;
 
+  // An object read by a disk format layer: a format reads clusters one by one, so sequential
+  // runs of them are read ahead in large requests below it (when read-ahead is configured).
+  std::unique_ptr<BlockSource> format_input(remote::ObjectInfo object,
+                                            IoCounters* counters) const;
+
   // Puts the cache, then read-ahead, on top of `chain` (when configured) and fills
   // opened.source/cached.
   void add_cache(std::unique_ptr<BlockSource> chain, const std::string& source_id,
