@@ -7,9 +7,10 @@
 namespace imgfs::cache {
 
 bool MemoryBudget::try_acquire(uint64_t bytes) {
+  const uint64_t limit = limit_.load();
   uint64_t current = in_use_.load();
   do {
-    if (bytes > limit_ || current > limit_ - bytes) return false;
+    if (bytes > limit || current > limit - bytes) return false;
   } while (!in_use_.compare_exchange_weak(current, current + bytes));
   return true;
 }
@@ -89,10 +90,17 @@ Status PrefetchSource::read_at(uint64_t offset, std::span<std::byte> out) const 
     work_cv_.notify_all();
   }
 
-  for (const Piece& piece : pieces) {
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const Piece& piece = pieces[i];
     std::span<std::byte> dest = out.subspan(piece.start - offset, piece.end - piece.start);
+    // On an error, the chunks this reader claimed but has not loaded are given up, so readers
+    // waiting for them read lower themselves instead of waiting forever.
+    auto fail = [&](Status s) {
+      abandon(std::span(pieces).subspan(i));
+      return s;
+    };
     if (piece.chunk == nullptr) {
-      if (Status s = lower_->read_at(piece.start, dest); !s.ok()) return s;
+      if (Status s = lower_->read_at(piece.start, dest); !s.ok()) return fail(s);
       continue;
     }
     bool ready = true;
@@ -109,7 +117,9 @@ Status PrefetchSource::read_at(uint64_t offset, std::span<std::byte> out) const 
     if (!ready) {
       // The chunk's fetch failed, perhaps on bytes this read does not need; the error is not
       // kept, so lower is asked for just this piece.
-      if (Status s = lower_->read_at(piece.start, dest); !s.ok()) return s;
+      if (Status s = lower_->read_at(piece.start, dest); !s.ok()) {
+        return fail(s);
+      }
       continue;
     }
     // A ready chunk's bytes never change again, so they are copied without the lock.
@@ -217,6 +227,23 @@ void PrefetchSource::drop_unwanted() const {
     if (chunk.state == ChunkState::kQueued) std::erase(queue_, it->second);
     it = chunks_.erase(it);
   }
+}
+
+void PrefetchSource::abandon(std::span<const Piece> pieces) const {
+  bool any = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const Piece& piece : pieces) {
+      if (!piece.claimed || piece.chunk->state != ChunkState::kLoading) continue;
+      piece.chunk->state = ChunkState::kFailed;
+      if (auto it = chunks_.find(piece.chunk->start);
+          it != chunks_.end() && it->second == piece.chunk) {
+        chunks_.erase(it);
+      }
+      any = true;
+    }
+  }
+  if (any) chunk_cv_.notify_all();
 }
 
 Status PrefetchSource::load(const ChunkPtr& chunk) const {

@@ -34,11 +34,16 @@ class MemoryBudget {
   // Gives back `bytes` taken by an earlier try_acquire.
   void release(uint64_t bytes);
 
+  // Changes the limit for later try_acquire calls; bytes already taken stay taken. A mount
+  // keeps the limit at 0 until it has forked into the background, so no read-ahead (and no
+  // worker thread, which would not survive the fork) starts while it lists the bucket.
+  void set_limit(uint64_t limit_bytes) { limit_.store(limit_bytes); }
+
   uint64_t in_use() const { return in_use_.load(); }
-  uint64_t limit() const { return limit_; }
+  uint64_t limit() const { return limit_.load(); }
 
  private:
-  const uint64_t limit_;
+  std::atomic<uint64_t> limit_;
   std::atomic<uint64_t> in_use_{0};
 };
 
@@ -158,6 +163,9 @@ class PrefetchSource final : public BlockSource {
   bool schedule(uint64_t from, uint64_t to) const;
   // Removes chunks outside every stream's window. Requires mu_.
   void drop_unwanted() const;
+  // Marks the chunks among `pieces` that this reader claimed and has not loaded as failed, and
+  // wakes their waiters. Takes mu_.
+  void abandon(std::span<const Piece> pieces) const;
   // Reads the chunk's bytes from lower, outside any lock, and publishes the outcome.
   Status load(const ChunkPtr& chunk) const;
   void worker_loop() const;

@@ -191,7 +191,8 @@ Result<OpenedImage> ImageOpener::open_import(const remote::ObjectInfo& manifest_
   auto disk = formats::open_disk_format(format, std::move(file).value(), {});
   if (!disk.ok()) return disk.status().with_context(name);
   OpenedImage opened;
-  add_cache(std::move(disk).value(), "import:" + name, manifest_object.etag, counters, opened);
+  add_cache(std::move(disk).value(), "import:" + name, manifest_object.etag, counters, opened,
+            !store_.is_local());
   return opened;
 }
 
@@ -210,7 +211,7 @@ Result<OpenedImage> ImageOpener::open_disk_view(const remote::ObjectInfo& object
   OpenedImage opened;
   add_cache(std::move(disk).value(),
             "view:" + std::string(formats::disk_format_name(format)) + ":" + object.key,
-            object.etag, counters, opened);
+            object.etag, counters, opened, !store_.is_local());
   return opened;
 }
 
@@ -225,8 +226,8 @@ std::unique_ptr<BlockSource> ImageOpener::format_input(remote::ObjectInfo object
 
 void ImageOpener::add_cache(std::unique_ptr<BlockSource> chain, const std::string& source_id,
                             const std::string& etag, IoCounters* counters,
-                            OpenedImage& opened) const {
-  if (config_.block_store != nullptr) {
+                            OpenedImage& opened, bool use_cache) const {
+  if (config_.block_store != nullptr && use_cache) {
     auto cached = std::make_unique<cache::CachedSource>(std::move(chain), *config_.block_store,
                                                         source_id, etag,
                                                         config_.cache_block_bytes, counters);
@@ -296,7 +297,7 @@ Result<OpenedImage> ImageOpener::open_object(const remote::ObjectInfo& object,
                                              IoCounters* counters) const {
   OpenedImage opened;
   add_cache(std::make_unique<remote::ObjectSource>(store_, object, counters),
-            "object:" + object.key, object.etag, counters, opened);
+            "object:" + object.key, object.etag, counters, opened, !store_.is_local());
   return opened;
 }
 

@@ -141,10 +141,12 @@ class ImageOpener {
   std::unique_ptr<BlockSource> format_input(remote::ObjectInfo object,
                                             IoCounters* counters) const;
 
-  // Puts the cache, then read-ahead, on top of `chain` (when configured) and fills
-  // opened.source/cached.
+  // Puts the cache (when configured and `use_cache`), then read-ahead, on top of `chain` and
+  // fills opened.source/cached. Bundles always use the cache (inflating costs far more than
+  // reading a block file); plain objects and disk views of a local folder bucket do not.
   void add_cache(std::unique_ptr<BlockSource> chain, const std::string& source_id,
-                 const std::string& etag, IoCounters* counters, OpenedImage& opened) const;
+                 const std::string& etag, IoCounters* counters, OpenedImage& opened,
+                 bool use_cache = true) const;
 
   const remote::ObjectStore& store_;
   const ImageOpenerConfig config_;

@@ -137,7 +137,8 @@ int run_mount_command(const std::vector<std::string>& args) {
   }
   cache::PrefetchOptions prefetch;
   prefetch.max_window = options.prefetch_window_bytes;
-  cache::MemoryBudget prefetch_budget(options.memory_limit_bytes);
+  // No read-ahead until the mount has forked (see MemoryBudget::set_limit).
+  cache::MemoryBudget prefetch_budget(0);
 
   auto store = open_store(options);
   if (!store.ok()) return fail(store.status().to_string());
@@ -202,6 +203,7 @@ int run_mount_command(const std::vector<std::string>& args) {
   // The launching process exits 0 here, once the mount is ready; the child serves.
   fuse_daemonize(options.foreground ? 1 : 0);
   if (!options.foreground) log.use_syslog();
+  prefetch_budget.set_limit(options.memory_limit_bytes);
 
   fuse_loop_config* loop_config = fuse_loop_cfg_create();
   fuse_loop_cfg_set_clone_fd(loop_config, 0);

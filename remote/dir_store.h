@@ -45,6 +45,8 @@ class DirStore final : public ObjectStore {
   // "dir:" followed by the root path.
   std::string describe() const override;
 
+  bool is_local() const override { return true; }
+
  private:
   explicit DirStore(std::string root) : root_(std::move(root)) {}
 

@@ -51,6 +51,10 @@ class ObjectStore {
   // One-line identity for logs: "dir:/path" or "s3://bucket/prefix".
   virtual std::string describe() const = 0;
 
+  // True when objects are files on this machine: copying their bytes into the local block
+  // cache would only double the I/O.
+  virtual bool is_local() const { return false; }
+
   // Unsigned reads of a pre-signed URL (an import manifest's get-url), for stores that speak
   // HTTP. Thread-safe. Errors: NotSupported (this store has no HTTP), IOError (expired URL,
   // transport), NotFound.

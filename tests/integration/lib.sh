@@ -150,8 +150,17 @@ mount_bucket() {
   mount_source "$(bucket_source "$folder" "$name")" "$mnt" "$name" "$@"
 }
 
+# unmount MOUNTPOINT: unmounts, and checks that the daemon then exits (no thread left stuck).
 unmount() {
+  local pid
+  pid=$(pgrep -f -- " $1 --cache-dir" | head -1 || true)
   fusermount3 -u "$1" || fail "unmount of $1 failed"
+  [ -n "$pid" ] || return 0
+  for _ in $(seq 1 100); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  fail "the imgfs daemon of $1 (pid $pid) did not exit after the unmount"
 }
 
 # stat_field FILE KEY: a top-level number from stats.json.
