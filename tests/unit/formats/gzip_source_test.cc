@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "tests/support/deflate_fixtures.h"
 #include "tests/support/test_sources.h"
 
 namespace imgfs::formats {
@@ -52,32 +53,9 @@ std::vector<std::byte> make_data(uint64_t size, uint32_t seed) {
   return data;
 }
 
-// Compresses `data` as one gzip member; with flush_every > 0, flushes like pigz does between
-// its blocks (alternating Z_SYNC_FLUSH and Z_FULL_FLUSH).
+// `data` as one gzip member; with flush_every > 0, blocks end as pigz ends them.
 std::vector<std::byte> gzip(std::span<const std::byte> data, int level, uint64_t flush_every = 0) {
-  z_stream strm{};
-  EXPECT_EQ(deflateInit2(&strm, level, Z_DEFLATED, 31, 8, Z_DEFAULT_STRATEGY), Z_OK);
-  std::vector<std::byte> out(deflateBound(&strm, data.size()) + 1024 +
-                             (flush_every ? 16 * (data.size() / flush_every + 1) : 0));
-  strm.next_out = reinterpret_cast<Bytef*>(out.data());
-  strm.avail_out = static_cast<uInt>(out.size());
-  const uint64_t step = flush_every ? flush_every : data.size() + 1;
-  uint64_t pos = 0;
-  int flushes = 0;
-  do {
-    const uint64_t length = std::min<uint64_t>(step, data.size() - pos);
-    strm.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(data.data() + pos));
-    strm.avail_in = static_cast<uInt>(length);
-    pos += length;
-    const bool last = pos == data.size();
-    const int flush = last ? Z_FINISH : (flushes++ % 2 ? Z_FULL_FLUSH : Z_SYNC_FLUSH);
-    const int ret = deflate(&strm, flush);
-    EXPECT_EQ(ret, last ? Z_STREAM_END : Z_OK);
-    EXPECT_EQ(strm.avail_in, 0u);
-  } while (pos < data.size());
-  out.resize(strm.total_out);
-  deflateEnd(&strm);
-  return out;
+  return testing::zlib_compress(data, 31, level, flush_every);
 }
 
 std::array<uint8_t, 20> sha1(std::span<const std::byte> data) {

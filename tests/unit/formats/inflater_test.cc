@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "formats/gzip_index.h"
+#include "tests/support/deflate_fixtures.h"
 #include "tests/support/test_sources.h"
 
 namespace imgfs::formats {
@@ -42,31 +43,10 @@ std::vector<std::byte> make_data(uint64_t size, uint32_t seed, uint64_t max_run)
   return data;
 }
 
-// Raw deflate of `data` with zlib; flush_every > 0 ends a block there (alternating sync and
-// full flushes, as pigz does).
+// Raw deflate of `data` with zlib; flush_every > 0 ends a block there, as pigz does.
 std::vector<std::byte> deflate_raw(std::span<const std::byte> data, int level, int mem_level,
                                    int strategy, uint64_t flush_every = 0) {
-  z_stream strm{};
-  EXPECT_EQ(deflateInit2(&strm, level, Z_DEFLATED, -15, mem_level, strategy), Z_OK);
-  std::vector<std::byte> out(deflateBound(&strm, data.size()) + 4096 +
-                             (flush_every ? 16 * (data.size() / flush_every + 1) : 0));
-  strm.next_out = reinterpret_cast<Bytef*>(out.data());
-  strm.avail_out = static_cast<uInt>(out.size());
-  const uint64_t step = flush_every ? flush_every : data.size() + 1;
-  uint64_t pos = 0;
-  int flushes = 0;
-  do {
-    const uint64_t length = std::min<uint64_t>(step, data.size() - pos);
-    strm.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(data.data() + pos));
-    strm.avail_in = static_cast<uInt>(length);
-    pos += length;
-    const bool last = pos == data.size();
-    const int flush = last ? Z_FINISH : (flushes++ % 2 ? Z_FULL_FLUSH : Z_SYNC_FLUSH);
-    EXPECT_EQ(deflate(&strm, flush), last ? Z_STREAM_END : Z_OK);
-  } while (pos < data.size());
-  out.resize(strm.total_out);
-  deflateEnd(&strm);
-  return out;
+  return testing::zlib_compress(data, -15, level, flush_every, mem_level, strategy);
 }
 
 // A block boundary found by walking the stream with zlib's Z_BLOCK, as gzip_source's frontier

@@ -1,10 +1,10 @@
 #include "formats/zlib_inflater.h"
 
 #include <gtest/gtest.h>
-#include <zlib.h>
 
 #include <vector>
 
+#include "tests/support/deflate_fixtures.h"
 #include "tests/support/test_sources.h"
 
 namespace imgfs::formats {
@@ -14,16 +14,7 @@ namespace {
 // inflater_test.cc checks it against every other engine on many streams.
 TEST(ZlibInflaterTest, InflatesAStreamInPieces) {
   const std::vector<std::byte> data = testing::pattern_bytes(200000, 1);
-  std::vector<std::byte> compressed(compressBound(data.size()) + 64);
-  z_stream strm{};
-  ASSERT_EQ(deflateInit2(&strm, 6, Z_DEFLATED, -15, 8, Z_DEFAULT_STRATEGY), Z_OK);
-  strm.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(data.data()));
-  strm.avail_in = static_cast<uInt>(data.size());
-  strm.next_out = reinterpret_cast<Bytef*>(compressed.data());
-  strm.avail_out = static_cast<uInt>(compressed.size());
-  ASSERT_EQ(deflate(&strm, Z_FINISH), Z_STREAM_END);
-  compressed.resize(strm.total_out);
-  deflateEnd(&strm);
+  const std::vector<std::byte> compressed = testing::zlib_compress(data, -15, 6);
 
   Result<std::unique_ptr<Inflater>> inflater = make_zlib_inflater();
   ASSERT_TRUE(inflater.ok());
