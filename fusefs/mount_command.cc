@@ -137,6 +137,8 @@ int run_mount_command(const std::vector<std::string>& args) {
   }
   cache::PrefetchOptions prefetch;
   prefetch.max_window = options.prefetch_window_bytes;
+  // Four fetches in flight hide a remote store's latency; spans decode on both cores anyway.
+  prefetch.threads = 4;
   // No read-ahead until the mount has forked (see MemoryBudget::set_limit).
   cache::MemoryBudget prefetch_budget(0);
 
