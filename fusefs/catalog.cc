@@ -153,6 +153,8 @@ Result<std::shared_ptr<const CatalogTree>> Catalog::list_and_build() {
     std::lock_guard lock(mutex_);
     known = entries_;
   }
+  ListedObjects listed;
+  for (const remote::ObjectInfo& object : *listing) listed.emplace(object.key, object);
   auto entry_for = [&](const remote::ObjectInfo& object, NodeKind kind,
                        const std::string& path) -> std::shared_ptr<CatalogEntry> {
     if (auto it = known.find(entry_id(object)); it != known.end() && it->second->kind == kind) {
@@ -170,7 +172,7 @@ Result<std::shared_ptr<const CatalogTree>> Catalog::list_and_build() {
         entry->manifest = std::move(manifest).value();
         const auto* import = std::get_if<formats::ImportManifest>(&*entry->manifest);
         // A peek failure (a wrong key, a missing part) shows again when the image is opened.
-        auto peek = opener_.peek_image(object, *entry->manifest, &entry->counters);
+        auto peek = opener_.peek_image(object, *entry->manifest, &entry->counters, &listed);
         if (peek.ok()) {
           entry->member_format = peek->format;
           entry->layout = peek->layout;

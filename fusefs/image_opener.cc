@@ -66,12 +66,20 @@ Result<ParsedManifest> ImageOpener::read_manifest(
 
 Result<formats::OpenedBundle> ImageOpener::open_bundle_chain(
     const remote::ObjectInfo& manifest_object, const ParsedManifest& manifest,
-    const formats::BundleStackOptions& options, IoCounters* counters) const {
+    const formats::BundleStackOptions& options, IoCounters* counters,
+    const ListedObjects* listed) const {
   if (const auto* bundle = std::get_if<formats::BundleManifest>(&manifest)) {
     const std::string folder = key_folder(manifest_object.key);
     formats::PartOpener open_part =
         [&](std::string_view filename) -> Result<std::unique_ptr<BlockSource>> {
-      auto info = store_.head(folder + std::string(filename));
+      const std::string key = folder + std::string(filename);
+      if (listed != nullptr) {
+        if (auto it = listed->find(key); it != listed->end()) {
+          return std::unique_ptr<BlockSource>(
+              std::make_unique<remote::ObjectSource>(store_, it->second, counters));
+        }
+      }
+      auto info = store_.head(key);
       if (!info.ok()) return info.status();
       return std::unique_ptr<BlockSource>(
           std::make_unique<remote::ObjectSource>(store_, std::move(info).value(), counters));
@@ -87,8 +95,8 @@ Result<formats::OpenedBundle> ImageOpener::open_bundle_chain(
 }
 
 Result<ImagePeek> ImageOpener::peek_image(const remote::ObjectInfo& manifest_object,
-                                          const ParsedManifest& manifest,
-                                          IoCounters* counters) const {
+                                          const ParsedManifest& manifest, IoCounters* counters,
+                                          const ListedObjects* listed) const {
   const std::string& name = manifest_object.key;
   ImagePeek peek;
   std::shared_ptr<const BlockSource> image;
@@ -97,14 +105,18 @@ Result<ImagePeek> ImageOpener::peek_image(const remote::ObjectInfo& manifest_obj
     if (import->file_format != formats::ImportFileFormat::kRaw || import->parts.empty()) {
       return peek;
     }
-    auto first = store_.head(import->parts.front().key);
+    const std::string& first_key = import->parts.front().key;
+    auto known = listed != nullptr ? listed->find(first_key) : ListedObjects::const_iterator();
+    Result<remote::ObjectInfo> first = listed != nullptr && known != listed->end()
+                                           ? Result<remote::ObjectInfo>(known->second)
+                                           : store_.head(first_key);
     if (!first.ok()) return first.status().with_context(name);
     image = std::make_shared<remote::ObjectSource>(store_, std::move(first).value(), counters);
   } else {
     formats::BundleStackOptions options = bundle_options(manifest_object);
     options.verify_parts = false;
     options.load_index = nullptr;
-    auto bundle = open_bundle_chain(manifest_object, manifest, options, counters);
+    auto bundle = open_bundle_chain(manifest_object, manifest, options, counters, listed);
     if (!bundle.ok()) return bundle.status().with_context(name);
     image = std::move(bundle->image);
     auto format = formats::detect_disk_format_by_head(*image);

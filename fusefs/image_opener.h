@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <variant>
 #include <vector>
 
@@ -64,6 +65,9 @@ struct OpenedImage {
   const cache::CachedSource* cached = nullptr;   // `source` itself; null without a cache
 };
 
+// Objects of a listing, by key.
+using ListedObjects = std::unordered_map<std::string, remote::ObjectInfo>;
+
 struct ImagePeek {
   formats::DiskFormat format = formats::DiskFormat::kRaw;
   formats::DiskLayout layout;  // of raw images only; kUnknown otherwise
@@ -91,8 +95,11 @@ class ImageOpener {
   // a bare filesystem). A bundle's bytes are read without verifying its parts (a few small
   // range reads instead of whole parts): only a hint, which open_manifest checks on verified
   // bytes. Thread-safe.
+  // `listed` (may be null) holds objects by key from a listing just taken: parts found there
+  // need no HEAD request each.
   Result<ImagePeek> peek_image(const remote::ObjectInfo& manifest_object,
-                               const ParsedManifest& manifest, IoCounters* counters) const;
+                               const ParsedManifest& manifest, IoCounters* counters,
+                               const ListedObjects* listed = nullptr) const;
 
   // Opens an imported disk: its parts by key in the bucket, or by their pre-signed get-url
   // when the key is not there, concatenated by byte range. Formats other than RAW are
@@ -134,7 +141,8 @@ class ImageOpener {
   Result<formats::OpenedBundle> open_bundle_chain(const remote::ObjectInfo& manifest_object,
                                                   const ParsedManifest& manifest,
                                                   const formats::BundleStackOptions& options,
-                                                  IoCounters* counters) const;
+                                                  IoCounters* counters,
+                                                  const ListedObjects* listed = nullptr) const;
 
   // An object read by a disk format layer: a format reads clusters one by one, so sequential
   // runs of them are read ahead in large requests below it (when read-ahead is configured).
