@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -40,6 +41,7 @@ constexpr uint32_t kVersion = 1;
 constexpr uint64_t kFixedHeaderBytes = 32 + 4 + 4 + 4;
 constexpr std::string_view kBlocksSubdir = "blocks";
 constexpr std::string_view kTempPrefix = ".tmp-";
+constexpr time_t kTouchSeconds = 60;
 
 std::string errno_text(int error) {
   return std::error_code(error, std::generic_category()).message();
@@ -169,6 +171,15 @@ bool pread_full(int fd, std::span<std::byte> out, uint64_t offset) {
   return true;
 }
 
+// A block file's header and data, in one system call when the kernel gives it all at once
+// (regular files do), else piece by piece.
+bool read_header_and_data(int fd, std::span<std::byte> header, std::span<std::byte> data) {
+  struct iovec parts[2] = {{header.data(), header.size()}, {data.data(), data.size()}};
+  const ssize_t n = ::preadv(fd, parts, 2, 0);
+  if (n >= 0 && static_cast<size_t>(n) == header.size() + data.size()) return true;
+  return pread_full(fd, header, 0) && pread_full(fd, data, header.size());
+}
+
 Status write_full(int fd, std::span<const std::byte> data, const std::string& path) {
   size_t done = 0;
   while (done < data.size()) {
@@ -291,18 +302,21 @@ Result<bool> BlockStore::get(const BlockKey& key, std::span<std::byte> out) {
   std::vector<std::byte> header(header_bytes(key));
   std::optional<uint32_t> data_crc;
   if (static_cast<uint64_t>(st.st_size) == header.size() + out.size() &&
-      pread_full(file.fd, header, 0)) {
+      read_header_and_data(file.fd, header, out)) {
     data_crc = check_header(header, key, out.size());
   }
-  if (!data_crc || !pread_full(file.fd, out, header.size()) || crc32c(out) != *data_crc) {
+  if (!data_crc || crc32c(out) != *data_crc) {
     std::lock_guard<std::mutex> lock(mu_);
     drop_locked(name, st.st_dev, st.st_ino);
     return false;
   }
-  // Records the use for the LRU order of the next open. Best effort: a failure only makes the
-  // block look older after a restart.
-  const struct timespec times[2] = {{0, UTIME_OMIT}, {0, UTIME_NOW}};
-  (void)::futimens(file.fd, times);
+  // Records the use for the LRU order of the next open, at most once per kTouchSeconds per
+  // block: an order finer than that is not worth an inode write on every hit. Best effort: a
+  // failure only makes the block look older after a restart.
+  if (std::time(nullptr) - st.st_mtime >= kTouchSeconds) {
+    const struct timespec times[2] = {{0, UTIME_OMIT}, {0, UTIME_NOW}};
+    (void)::futimens(file.fd, times);
+  }
   return true;
 }
 
