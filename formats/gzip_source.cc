@@ -171,23 +171,13 @@ Result<std::unique_ptr<GzipSource>> open_gzip(std::unique_ptr<BlockSource> lower
   if (lower_size - *header_length < kTrailerBytes) {
     return Status::Corruption(name + ": gzip stream is truncated after its header");
   }
-  // A verified index of this stream already knows the size: the stream's end (often a whole
-  // part of a bundle to fetch and verify) is not read at all.
-  const GzipIndexSnapshot* given = options.initial_index.get();
-  const bool size_from_index = !options.exact_uncompressed_size && given != nullptr &&
-                               given->verified && given->compressed_size == lower_size &&
-                               given->uncompressed_size >= options.min_uncompressed_size;
   std::byte isize_bytes[4];
-  if (!size_from_index) {
-    if (Status s = lower->read_at(lower_size - 4, isize_bytes); !s.ok()) {
-      return s.with_context(name + ": reading ISIZE");
-    }
+  if (Status s = lower->read_at(lower_size - 4, isize_bytes); !s.ok()) {
+    return s.with_context(name + ": reading ISIZE");
   }
   uint64_t size = 0;
   if (options.exact_uncompressed_size) {
     size = *options.exact_uncompressed_size;
-  } else if (size_from_index) {
-    size = given->uncompressed_size;
   } else {
     Result<uint64_t> from_isize =
         size_from_isize(load_le32(isize_bytes), options.min_uncompressed_size);
