@@ -1,10 +1,13 @@
 #include "formats/image_stack.h"
 
+#include <thread>
+
 #include "formats/byte_order.h"
 #include "formats/cbc_source.h"
 #include "formats/gzip_index.h"
 #include "formats/checked_math.h"
 #include "formats/concat_source.h"
+#include "formats/shared_source.h"
 #include "formats/tar_member_source.h"
 
 namespace imgfs::formats {
@@ -126,6 +129,8 @@ Result<OpenedBundle> open_bundle_layout(const BundleLayout& layout, const PartOp
   if (options.part_pool == nullptr) return Status::InvalidArgument("no verified-part pool");
   std::vector<std::unique_ptr<BlockSource>> parts;
   parts.reserve(layout.parts.size());
+  // The first of several verified parts, also held here so it can be fetched in the background.
+  std::shared_ptr<const BlockSource> first_part;
   uint64_t ciphertext_size = 0;
   for (size_t i = 0; i < layout.parts.size(); ++i) {
     const BundleLayout::Part& part = layout.parts[i];
@@ -144,6 +149,11 @@ Result<OpenedBundle> open_bundle_layout(const BundleLayout& layout, const PartOp
     auto verified =
         open_verified_part(std::move(source).value(), *part.sha1, label, *options.part_pool);
     if (!verified.ok()) return verified.status();
+    if (i == 0 && layout.parts.size() > 1) {
+      first_part = std::shared_ptr<const BlockSource>(std::move(verified).value());
+      parts.push_back(std::make_unique<SharedSource>(first_part));
+      continue;
+    }
     parts.push_back(std::move(verified).value());
   }
   if (ciphertext_size != layout.bundled_size) {
@@ -156,6 +166,16 @@ Result<OpenedBundle> open_bundle_layout(const BundleLayout& layout, const PartOp
                               " is not a positive multiple of 16");
   }
 
+  // Opening reads the CBC padding (in the last part) and then the gzip header (in part 0), and
+  // parts are fetched and verified whole: part 0 is fetched alongside the last. The thread
+  // holds the part itself and is joined on return.
+  std::jthread fetch_first_part;
+  if (first_part != nullptr && first_part->size() > 0) {
+    fetch_first_part = std::jthread([first_part] {
+      std::byte first{};
+      (void)first_part->read_at(0, std::span(&first, 1));
+    });
+  }
   auto concat = open_concat(std::move(parts));
   if (!concat.ok()) return concat.status();
   CbcOptions cbc_options;

@@ -6,6 +6,7 @@
 #include "formats/gzip_source.h"
 #include "formats/image_stack.h"
 #include "formats/partitioned_disk_source.h"
+#include "formats/shared_source.h"
 #include "formats/vmdk_source.h"
 #include "remote/object_source.h"
 
@@ -81,21 +82,6 @@ std::string view_id(const CatalogEntry& entry) {
   return entry_id(entry.object);
 }
 
-// A chain shared with another entry, as a source of its own (K.disk stacks on K's chain).
-class SharedChain final : public BlockSource {
- public:
-  explicit SharedChain(std::shared_ptr<const BlockSource> chain) : chain_(std::move(chain)) {}
-  uint64_t size() const override { return chain_->size(); }
-  Status read_at(uint64_t offset, std::span<std::byte> out) const override {
-    return chain_->read_at(offset, out);
-  }
-  std::string describe() const override { return chain_->describe(); }
-  uint32_t block_size() const override { return chain_->block_size(); }
-  Result<Extent> map(uint64_t offset) const override { return chain_->map(offset); }
-
- private:
-  const std::shared_ptr<const BlockSource> chain_;
-};
 
 }  // namespace
 
@@ -396,7 +382,7 @@ Result<std::shared_ptr<const BlockSource>> Catalog::open_source(CatalogEntry& en
     // The partition is the image's own chain (and cache); only the table is made here.
     auto image = open_source(*entry.disk_of, path);
     if (image.ok()) {
-      auto disk = formats::open_partitioned_disk(std::make_unique<SharedChain>(*image),
+      auto disk = formats::open_partitioned_disk(std::make_unique<SharedSource>(*image),
                                                  disk_options(*entry.disk_of));
       if (disk.ok()) {
         opened = OpenedImage{std::shared_ptr<const BlockSource>(std::move(disk).value())};
