@@ -357,16 +357,21 @@ TEST(GzipSourceTest, MultiMemberStreams) {
   }
 }
 
-TEST(GzipSourceTest, EmptyMemberInTheMiddle) {
+// Three gzip members, the middle one empty, and what they inflate to.
+std::pair<std::vector<std::byte>, std::vector<std::byte>> members_with_an_empty_one() {
   const std::vector<std::byte> a = make_data(300000, 21);
   const std::vector<std::byte> c = make_data(200000, 22);
   std::vector<std::byte> compressed = gzip(a, 6);
-  const std::vector<std::byte> empty_gz = gzip({}, 6);
-  const std::vector<std::byte> c_gz = gzip(c, 6);
-  compressed.insert(compressed.end(), empty_gz.begin(), empty_gz.end());
-  compressed.insert(compressed.end(), c_gz.begin(), c_gz.end());
+  for (const std::vector<std::byte>& member : {gzip({}, 6), gzip(c, 6)}) {
+    compressed.insert(compressed.end(), member.begin(), member.end());
+  }
   std::vector<std::byte> data = a;
   data.insert(data.end(), c.begin(), c.end());
+  return {std::move(compressed), std::move(data)};
+}
+
+TEST(GzipSourceTest, EmptyMemberInTheMiddle) {
+  const auto [compressed, data] = members_with_an_empty_one();
   GzipOptions options;
   options.exact_uncompressed_size = data.size();
   options.span_cache_bytes = 1;
@@ -804,15 +809,7 @@ TEST(GzipSourceTest, IndexForAnotherStreamOrSha1IsNotTrusted) {
 }
 
 TEST(GzipSourceTest, LoadedIndexOfMultiMemberStreamWithAnEmptyMember) {
-  const std::vector<std::byte> a = make_data(300000, 21);
-  const std::vector<std::byte> c = make_data(200000, 22);
-  std::vector<std::byte> compressed = gzip(a, 6);
-  const std::vector<std::byte> empty_gz = gzip({}, 6);
-  const std::vector<std::byte> c_gz = gzip(c, 6);
-  compressed.insert(compressed.end(), empty_gz.begin(), empty_gz.end());
-  compressed.insert(compressed.end(), c_gz.begin(), c_gz.end());
-  std::vector<std::byte> data = a;
-  data.insert(data.end(), c.begin(), c.end());
+  const auto [compressed, data] = members_with_an_empty_one();
   GzipOptions options;
   options.exact_uncompressed_size = data.size();
   options.span_cache_bytes = 1;
