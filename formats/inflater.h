@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 
 #include "formats/status.h"
@@ -41,6 +42,25 @@ class Inflater {
   // Errors: Corruption (invalid deflate data, a distance before the window).
   virtual Result<InflateProgress> inflate(std::span<const std::byte> in,
                                           std::span<std::byte> out) = 0;
+
+  // After an inflate() call: when the stream stands at a deflate block boundary that is not the
+  // stream's end, with every output byte before it delivered, how many of the input bits taken
+  // so far lie after the boundary (they start the next block). Otherwise nullopt.
+  virtual std::optional<uint32_t> block_boundary() const = 0;
+
+  // True when inflate() returns at every block end, so block_boundary() sees each one (zlib).
+  // ISA-L cannot stop there: it reports a boundary only when a call's input ran out at one, which
+  // a caller makes likely by passing small input steps while it looks for one.
+  virtual bool stops_at_block_ends() const = 0;
+
+  // While a stored block is being copied by an engine that does not stop at block ends, the
+  // input bytes left in it, so that a caller looking for a boundary can pass exactly that many;
+  // 0 otherwise.
+  virtual size_t stored_block_input_left() const = 0;
+
+  // After stream_end: how many input bytes taken (by this call or earlier ones) lie past the end
+  // of the deflate stream, where a gzip trailer starts.
+  virtual size_t overread_bytes() const = 0;
 
   // "zlib" or "isal", for messages and benchmarks.
   virtual const char* name() const = 0;

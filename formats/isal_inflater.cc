@@ -75,6 +75,32 @@ class IsalInflater final : public Inflater {
     return progress;
   }
 
+  std::optional<uint32_t> block_boundary() const override {
+    const inflate_state& s = *state_;
+    // Between blocks (a header not yet read, or read in part and stashed in tmp_in_buffer with
+    // the bit buffer rewound to its start), and no decoded byte held back in tmp_out_buffer.
+    const bool between_blocks =
+        s.block_state == ISAL_BLOCK_NEW_HDR || s.block_state == ISAL_BLOCK_HDR;
+    if (!between_blocks || s.tmp_out_valid != s.tmp_out_processed) return std::nullopt;
+    return static_cast<uint32_t>(s.tmp_in_size) * 8 + static_cast<uint32_t>(s.read_in_length);
+  }
+
+  bool stops_at_block_ends() const override { return false; }
+
+  size_t stored_block_input_left() const override {
+    const inflate_state& s = *state_;
+    // Whole bytes already in the bit buffer belong to the block too.
+    const int32_t buffered = s.read_in_length / 8;
+    if (s.block_state != ISAL_BLOCK_TYPE0 || s.type0_block_len <= buffered) return 0;
+    return static_cast<size_t>(s.type0_block_len - buffered);
+  }
+
+  // ISA-L leaves the whole bytes it read ahead in its bit buffer when the stream ends.
+  size_t overread_bytes() const override {
+    const inflate_state& s = *state_;
+    return static_cast<size_t>(s.tmp_in_size) + static_cast<size_t>(s.read_in_length / 8);
+  }
+
   const char* name() const override { return "isal"; }
 
  private:

@@ -62,7 +62,14 @@ class ZlibInflater final : public Inflater {
     strm_.avail_in = in_length;
     strm_.next_out = reinterpret_cast<Bytef*>(out.data());
     strm_.avail_out = out_length;
-    const int ret = ::inflate(&strm_, Z_NO_FLUSH);
+    // Z_BLOCK returns at each block end, so block_boundary() sees every one.
+    int ret = ::inflate(&strm_, Z_BLOCK);
+    if (ret == Z_BUF_ERROR && strm_.avail_in == in_length && strm_.avail_out == out_length &&
+        (strm_.data_type & 0x80) != 0) {
+      // The call only ended a block from bits zlib already held: go on, so that no progress
+      // still means the caller must supply input or room.
+      ret = ::inflate(&strm_, Z_BLOCK);
+    }
     if (ret != Z_OK && ret != Z_STREAM_END && ret != Z_BUF_ERROR) {
       return Status::Corruption("inflate failed: " + zlib_message(strm_, ret));
     }
@@ -72,6 +79,19 @@ class ZlibInflater final : public Inflater {
     progress.stream_end = ret == Z_STREAM_END;
     return progress;
   }
+
+  std::optional<uint32_t> block_boundary() const override {
+    // Bit 7: inflate just decoded an end-of-block code; bit 6: that block was the last one.
+    if ((strm_.data_type & 0xc0) != 0x80) return std::nullopt;
+    return static_cast<uint32_t>(strm_.data_type & 7);
+  }
+
+  bool stops_at_block_ends() const override { return true; }
+
+  size_t stored_block_input_left() const override { return 0; }
+
+  // zlib stops taking input at the end of the stream.
+  size_t overread_bytes() const override { return 0; }
 
   const char* name() const override { return "zlib"; }
 

@@ -205,6 +205,58 @@ TEST_P(InflaterStreamTest, EveryEngineResumesAtBlockBoundaries) {
   }
 }
 
+// Every block boundary an engine reports, while walked in the small steps gzip_source's frontier
+// uses to look for one, is a real one (zlib reports them all), and after the stream end the
+// input an engine took past it is given back exactly.
+TEST_P(InflaterStreamTest, ReportedBoundariesAreRealAndTheEndIsExact) {
+  const StreamCase& c = GetParam();
+  const std::vector<std::byte> data =
+      make_data(c.size, static_cast<uint32_t>(c.size + c.level), c.max_run);
+  const std::vector<std::byte> deflated =
+      deflate_raw(data, c.level, c.mem_level, c.strategy, c.flush_every);
+  std::vector<uint64_t> real;  // bit positions of zlib's boundaries
+  for (const Boundary& b : block_boundaries(deflated)) real.push_back(b.in_offset * 8 - b.bits);
+  std::vector<std::byte> compressed = deflated;
+  const std::vector<std::byte> trailer = testing::pattern_bytes(8, 5);
+  compressed.insert(compressed.end(), trailer.begin(), trailer.end());
+  for (InflateEngine engine : engines()) {
+    Result<std::unique_ptr<Inflater>> made = make_inflater(engine);
+    ASSERT_TRUE(made.ok());
+    Inflater& inflater = **made;
+    ASSERT_TRUE(inflater.reset({}, 0, 0).ok());
+    std::vector<std::byte> out(data.size() + 1);
+    uint64_t in_pos = 0;
+    uint64_t produced = 0;
+    size_t reported = 0;
+    bool ended = false;
+    while (!ended) {
+      const size_t stored = inflater.stored_block_input_left();
+      const size_t step = std::min<size_t>(stored > 0 ? stored : 32, compressed.size() - in_pos);
+      Result<InflateProgress> progress = inflater.inflate(
+          std::span(compressed).subspan(in_pos, step), std::span(out).subspan(produced, 65536));
+      ASSERT_TRUE(progress.ok()) << progress.status().to_string();
+      ASSERT_TRUE(progress->consumed > 0 || progress->produced > 0 || progress->stream_end);
+      in_pos += progress->consumed;
+      produced += progress->produced;
+      ended = progress->stream_end;
+      if (const std::optional<uint32_t> back = inflater.block_boundary(); back && !ended) {
+        ASSERT_LE(*back, in_pos * 8);
+        EXPECT_TRUE(std::binary_search(real.begin(), real.end(), in_pos * 8 - *back))
+            << inflater.name() << ": no block boundary at bit " << in_pos * 8 - *back;
+        ++reported;
+      }
+    }
+    EXPECT_EQ(produced, data.size());
+    EXPECT_TRUE(std::equal(data.begin(), data.end(), out.begin())) << inflater.name();
+    EXPECT_EQ(in_pos - inflater.overread_bytes(), deflated.size()) << inflater.name();
+    if (inflater.stops_at_block_ends()) {
+      EXPECT_GE(reported + 1, real.size()) << inflater.name();  // the first is the stream start
+    }
+    std::cout << c.name << ": " << inflater.name() << " reported " << reported << " of "
+              << real.size() - 1 << " block boundaries\n";
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Streams, InflaterStreamTest,
     ::testing::Values(StreamCase{"gzip1", 1, 8, Z_DEFAULT_STRATEGY, 0, 3 << 20, 300 << 10},
