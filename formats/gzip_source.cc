@@ -42,11 +42,6 @@ uint32_t crc32_of(uint32_t crc, std::span<const std::byte> bytes) {
   return crc32_update(crc, bytes);
 }
 
-std::string zlib_message(const z_stream& strm, int ret) {
-  if (strm.msg != nullptr) return strm.msg;
-  return "zlib error " + std::to_string(ret);
-}
-
 // Reads and scans the member header at `offset`, growing the probe while it is incomplete.
 // Returns the header length.
 Result<uint64_t> read_member_header(const BlockSource& lower, uint64_t offset,
@@ -71,7 +66,8 @@ Result<uint64_t> read_member_header(const BlockSource& lower, uint64_t offset,
   }
 }
 
-// Copies span bytes [offset, offset + dst.size()) out of pieces of GzipSource::kPieceBytes.
+// Copies span bytes [offset, offset + dst.size()) out of pieces of GzipSource::kPieceBytes, where
+// pieces[0] is the piece that holds offset.
 void copy_from_pieces(std::span<const std::byte* const> pieces, uint64_t offset,
                       std::span<std::byte> dst) {
   constexpr uint64_t kPiece = GzipSource::kPieceBytes;
@@ -87,24 +83,17 @@ void copy_from_pieces(std::span<const std::byte* const> pieces, uint64_t offset,
   }
 }
 
-// Raw-deflate zlib inflater that ends itself, for the frontier. The frontier stays on zlib because
-// it must stop at deflate block boundaries to record checkpoints (inflate with Z_BLOCK). ISA-L 2.30
-// has no such stop: a boundary shows only when a call happens to return at one, which small input
-// steps make likely for dynamic blocks but never for streams of fixed-Huffman blocks. Spans use
-// the faster engine (decode_span).
-struct RawInflater {
-  z_stream strm{};
-  bool ready = false;
-  Status init() {
-    const int ret = inflateInit2(&strm, -15);
-    if (ret != Z_OK) return Status::Corruption("inflateInit2 failed: " + zlib_message(strm, ret));
-    ready = true;
-    return Status::OK();
-  }
-  ~RawInflater() {
-    if (ready) inflateEnd(&strm);
-  }
-};
+// Input per inflate call while the frontier looks for a block boundary with an engine that does
+// not stop at one (ISA-L): a boundary shows when a call's input runs out in the next block's
+// header, and a dynamic header is some 60 to 100 bytes. Measured on a 256 MiB tar of /usr: 32-byte
+// steps found a boundary within about one block for 231 of 256 spans, for 7% of the input.
+constexpr size_t kBoundaryStepBytes = 32;
+// Input looked through for a boundary before the frontier gives up on that engine for the member:
+// many blocks of a dynamic stream, where boundaries show within one or two.
+constexpr uint64_t kBoundarySearchBytes = 256 * 1024;
+// Output inflated with zlib from a boundary ISA-L reported, compared before it becomes a
+// checkpoint: a wrong bit position cannot reproduce 4 KiB of the stream.
+constexpr uint64_t kCandidateCheckBytes = 4096;
 
 }  // namespace
 
@@ -113,10 +102,17 @@ struct RawInflater {
 struct GzipSource::Frontier {
   enum class State { kBody, kTrailer, kNextMember, kDone };
 
-  RawInflater inflater;
+  std::unique_ptr<Inflater> inflater;
+  std::unique_ptr<Inflater> checker;  // zlib, for candidates
+  bool on_fallback = false;  // this member went on with zlib (fall_back_to_zlib)
   State state = State::kBody;
   std::vector<std::byte> input = std::vector<std::byte>(kInputChunkBytes);
-  uint64_t in_end = 0;     // compressed offset just past the buffered input
+  std::span<const std::byte> pending;  // the end of `input` not yet taken by the inflater
+  uint64_t input_start = 0;  // compressed offset of input[0]
+  uint64_t in_end = 0;       // compressed offset just past the buffered input
+  uint64_t trailer_at = 0;  // compressed offset of the member trailer, once the body ended
+  uint64_t boundary_search_in = 0;  // input passed in small steps while looking for a boundary
+  std::optional<Candidate> candidate;  // a boundary ISA-L reported, until settled
   uint64_t out_total = 0;  // bytes inflated, including output held back until a trailer checks
   uint64_t published = 0;  // mirror of published_out_, which only the frontier's owner changes
 
@@ -185,8 +181,15 @@ Result<std::unique_ptr<GzipSource>> open_gzip(std::unique_ptr<BlockSource> lower
     size = *from_isize;
   }
 
+  if (options.frontier_engine && !inflate_engine_available(*options.frontier_engine)) {
+    return Status::NotSupported(name + ": the requested inflate engine is not built in");
+  }
   auto frontier = std::make_unique<GzipSource::Frontier>();
-  if (Status s = frontier->inflater.init(); !s.ok()) return s.with_context(name);
+  Result<std::unique_ptr<Inflater>> inflater =
+      make_inflater(options.frontier_engine.value_or(fastest_inflate_engine()));
+  if (!inflater.ok()) return inflater.status().with_context(name);
+  frontier->inflater = std::move(*inflater);
+  if (Status s = frontier->inflater->reset({}, 0, 0); !s.ok()) return s.with_context(name);
   if (options.expected_sha1) {
     frontier->sha = EVP_MD_CTX_new();
     if (frontier->sha == nullptr || EVP_DigestInit_ex(frontier->sha, EVP_sha1(), nullptr) != 1) {
@@ -234,8 +237,13 @@ GzipSource::GzipSource(std::unique_ptr<BlockSource> lower, const GzipOptions& op
       size_(size),
       lower_size_(lower_->size()),
       span_engine_(options.span_engine.value_or(fastest_inflate_engine())),
+      frontier_engine_(options.frontier_engine.value_or(fastest_inflate_engine())),
       frontier_(std::move(frontier)),
-      used_initial_index_(index != nullptr) {
+      used_initial_index_(index != nullptr),
+      own_pool_(options.span_pool == nullptr
+                    ? std::make_unique<GzipSpanPool>(options.span_cache_bytes)
+                    : nullptr),
+      pool_(options.span_pool != nullptr ? *options.span_pool : *own_pool_) {
   if (verified) {
     // Every span is known and the whole stream checked out: the frontier is never needed.
     checkpoints_.assign(index->checkpoints.begin(), index->checkpoints.end());
@@ -264,7 +272,9 @@ GzipSource::GzipSource(std::unique_ptr<BlockSource> lower, const GzipOptions& op
   }
 }
 
-GzipSource::~GzipSource() = default;
+GzipSource::~GzipSource() {
+  for (const auto& [key, pool_key] : pool_keys_) pool_.erase(pool_key);
+}
 
 Status GzipSource::read_at(uint64_t offset, std::span<std::byte> out) const {
   if (Status s = check_read_range(*this, offset, out.size()); !s.ok()) return s;
@@ -369,12 +379,13 @@ Result<uint64_t> GzipSource::copy_from_span(std::unique_lock<std::mutex>& lock, 
         decoding_.erase(ref.key);
         // Cache before waking the waiters, so they find the span instead of decoding again.
         if (decoded && decoded->ok()) {
-          cache_insert_locked(ref.key, **decoded, (**decoded)->pieces.size() * kPieceBytes);
+          cache_insert_locked(ref.key, **decoded);
         }
         cv_.notify_all();
       });
       // The checkpoint is stable: a deque element never changed, or the const loaded table.
-      decoded = decode_span(*ref.checkpoint, ref.end - span_start, ref.in_bound, ref.crc);
+      decoded =
+          decode_span(*ref.checkpoint, ref.end - span_start, ref.in_bound, ref.crc, span_engine_);
     }
     if (!decoded->ok()) return decoded->status();
     span = **decoded;
@@ -465,8 +476,7 @@ Status GzipSource::advance_step() const {
 
 Status GzipSource::step_body() const {
   Frontier& f = *frontier_;
-  z_stream& strm = f.inflater.strm;
-  if (strm.avail_in == 0) {
+  if (f.pending.empty()) {
     if (f.in_end >= lower_size_) {
       return fail(Status::Corruption(describe() +
                                      ": gzip stream is truncated at compressed offset " +
@@ -474,8 +484,8 @@ Status GzipSource::step_body() const {
     }
     const uint64_t length = std::min(kInputChunkBytes, lower_size_ - f.in_end);
     if (Status s = read_lower(f.in_end, std::span(f.input).first(length)); !s.ok()) return s;
-    strm.next_in = reinterpret_cast<Bytef*>(f.input.data());
-    strm.avail_in = static_cast<uInt>(length);
+    f.pending = std::span<const std::byte>(f.input).first(length);
+    f.input_start = f.in_end;
     f.in_end += length;
   }
   if (f.piece == nullptr || f.piece_used == kPieceBytes) {
@@ -486,19 +496,27 @@ Status GzipSource::step_body() const {
     f.span->pieces.push_back(std::move(piece));
   }
   std::byte* const out = f.piece + f.piece_used;
-  const uInt room = static_cast<uInt>(kPieceBytes - f.piece_used);
-  strm.next_out = reinterpret_cast<Bytef*>(out);
-  strm.avail_out = room;
-  const uInt avail_in_before = strm.avail_in;
-  const int ret = inflate(&strm, Z_BLOCK);
-  const uint64_t in_offset = f.in_end - strm.avail_in;
-  if (ret != Z_OK && ret != Z_STREAM_END && ret != Z_BUF_ERROR) {
+  const size_t room = kPieceBytes - f.piece_used;
+  // Small steps make a boundary show with an engine that does not stop at one.
+  const bool searching = !f.inflater->stops_at_block_ends() && !f.candidate &&
+                         f.out_total - f.span_start >= options_.span_bytes;
+  // In a stored block the step ends exactly at the block end.
+  const size_t stored_left = f.inflater->stored_block_input_left();
+  const size_t step = stored_left > 0 ? stored_left : kBoundaryStepBytes;
+  const std::span<const std::byte> in =
+      searching ? f.pending.first(std::min(step, f.pending.size())) : f.pending;
+  Result<InflateProgress> progress = f.inflater->inflate(in, std::span(out, room));
+  if (!progress.ok()) {
     return fail(Status::Corruption(describe() + ": inflate failed near compressed offset " +
-                                   std::to_string(in_offset) + ": " + zlib_message(strm, ret)));
+                                   std::to_string(f.in_end - f.pending.size()) + ": " +
+                                   progress.status().message()));
   }
-  const size_t produced = room - strm.avail_out;
-  if (ret == Z_BUF_ERROR && produced == 0 && strm.avail_in == avail_in_before) {
-    // inflate had input and room and still could not move: the data cannot be decoded.
+  f.pending = f.pending.subspan(progress->consumed);
+  if (searching) f.boundary_search_in += progress->consumed;
+  const uint64_t in_offset = f.in_end - f.pending.size();
+  const size_t produced = progress->produced;
+  if (progress->consumed == 0 && produced == 0 && !progress->stream_end) {
+    // The inflater had input and room and still could not move: the data cannot be decoded.
     return fail(Status::Corruption(describe() + ": inflate made no progress at compressed offset " +
                                    std::to_string(in_offset)));
   }
@@ -523,50 +541,222 @@ Status GzipSource::step_body() const {
   }
   f.out_total += produced;
 
-  if (ret == Z_STREAM_END) {
+  if (progress->stream_end) {
     // Hold this output back until the trailer's CRC32 and ISIZE (and, at the end, the size and
-    // SHA1) check, so the read that reaches a bad end fails instead of returning bytes.
+    // SHA1) check, so the read that reaches a bad end fails instead of returning bytes. A
+    // candidate this close to the member end is not worth a span of its own.
+    const size_t overread = f.inflater->overread_bytes();
+    if (overread > in_offset) {
+      return fail(Status::Corruption(describe() + ": inflater gave back more input than it took"));
+    }
+    f.trailer_at = in_offset - overread;
+    f.candidate.reset();
     f.state = Frontier::State::kTrailer;
     return Status::OK();
   }
   Publication publication;
   publication.published_out = f.out_total;
-  const bool block_boundary = (strm.data_type & 0xc0) == 0x80;
-  if (block_boundary && f.out_total - f.span_start >= options_.span_bytes) {
-    GzipCheckpoint checkpoint;
-    checkpoint.out_offset = f.out_total;
-    checkpoint.in_offset = in_offset;
-    checkpoint.bits = static_cast<uint8_t>(strm.data_type & 7);
-    checkpoint.window_bytes = static_cast<uint32_t>(f.history.length());
-    std::vector<std::byte> window(f.history.length());
-    f.history.copy_to(window);
-    Result<std::vector<std::byte>> packed = pack_window(window);
-    if (!packed.ok()) return fail(packed.status().with_context(describe()));
-    checkpoint.packed_window = std::move(*packed);
-    start_span(std::move(checkpoint), publication);
+  if (f.candidate) {
+    if (f.out_total - f.candidate->checkpoint.out_offset < f.candidate->check_length) {
+      // Not yet enough output after the candidate to check it: readers wait at the candidate.
+      publication.published_out = f.candidate->checkpoint.out_offset;
+    } else {
+      settle_candidate(publication);
+    }
+  } else if (const std::optional<uint32_t> back = f.inflater->block_boundary();
+             back && f.out_total - f.span_start >= options_.span_bytes) {
+    Result<GzipCheckpoint> checkpoint = checkpoint_here(in_offset, *back);
+    if (!checkpoint.ok()) return fail(checkpoint.status());
+    if (f.inflater->stops_at_block_ends()) {
+      start_span(std::move(*checkpoint), f.span_crc, publication);
+    } else if (Result<Candidate> candidate = check_ahead(std::move(*checkpoint));
+               candidate.ok()) {
+      f.candidate = std::move(*candidate);
+      f.boundary_search_in = 0;
+    }
+    // Otherwise zlib could not inflate from the boundary: the search goes on.
+  } else if (searching && f.boundary_search_in > kBoundarySearchBytes) {
+    if (Status s = fall_back_to_zlib(); !s.ok()) return s;
   }
   publish(std::move(publication));
   return Status::OK();
 }
 
-void GzipSource::start_span(GzipCheckpoint checkpoint, Publication& publication) const {
+Result<GzipCheckpoint> GzipSource::checkpoint_here(uint64_t in_offset, uint32_t back) const {
+  const Frontier& f = *frontier_;
+  if (back > in_offset * 8) {
+    return Status::Corruption(describe() + ": inflater reported a block boundary before the data");
+  }
+  const uint64_t bit_position = in_offset * 8 - back;
+  GzipCheckpoint checkpoint;
+  checkpoint.out_offset = f.out_total;
+  checkpoint.in_offset = (bit_position + 7) / 8;
+  checkpoint.bits = static_cast<uint8_t>(checkpoint.in_offset * 8 - bit_position);
+  checkpoint.window_bytes = static_cast<uint32_t>(f.history.length());
+  std::vector<std::byte> window(f.history.length());
+  f.history.copy_to(window);
+  Result<std::vector<std::byte>> packed = pack_window(window);
+  if (!packed.ok()) return packed.status().with_context(describe());
+  checkpoint.packed_window = std::move(*packed);
+  return checkpoint;
+}
+
+Result<GzipSource::Candidate> GzipSource::check_ahead(GzipCheckpoint checkpoint) const {
   Frontier& f = *frontier_;
+  const uint64_t from = checkpoint.in_offset - (checkpoint.bits != 0 ? 1 : 0);
+  if (from < f.input_start) return Status::NotFound("the boundary is before the buffered input");
+  std::span<const std::byte> input =
+      std::span<const std::byte>(f.input).subspan(from - f.input_start, f.in_end - from);
+  uint8_t first_bits = 0;
+  if (checkpoint.bits != 0) {
+    first_bits = static_cast<uint8_t>(std::to_integer<unsigned>(input[0]) >> (8 - checkpoint.bits));
+    input = input.subspan(1);
+  }
+  if (f.checker == nullptr) {
+    Result<std::unique_ptr<Inflater>> made = make_inflater(InflateEngine::kZlib);
+    if (!made.ok()) return made.status();
+    f.checker = std::move(*made);
+  }
+  std::vector<std::byte> window(f.history.length());
+  f.history.copy_to(window);
+  if (Status s = f.checker->reset(window, checkpoint.bits, first_bits); !s.ok()) return s;
+  std::array<std::byte, kCandidateCheckBytes> expected;
+  uint64_t length = 0;
+  while (length < expected.size()) {
+    Result<InflateProgress> progress =
+        f.checker->inflate(input, std::span(expected).subspan(length));
+    if (!progress.ok()) return progress.status();
+    input = input.subspan(progress->consumed);
+    length += progress->produced;
+    if (progress->stream_end || (progress->consumed == 0 && progress->produced == 0)) break;
+  }
+  if (length == 0) return Status::NotFound("nothing inflated after the boundary");
+  return Candidate{std::move(checkpoint), f.span_crc, length,
+                             crc32_of(crc32_of(0, {}), std::span(expected).first(length))};
+}
+
+void GzipSource::settle_candidate(Publication& publication) const {
+  Frontier& f = *frontier_;
+  Candidate candidate = std::move(*f.candidate);
+  f.candidate.reset();
+  const uint64_t at = candidate.checkpoint.out_offset;
+  std::vector<std::byte> after(f.out_total - at);
+  std::vector<const std::byte*> pieces;
+  for (const auto& piece : f.span->pieces) pieces.push_back(piece.get());
+  copy_from_pieces(std::span(pieces).subspan((at - f.span_start) / kPieceBytes), at - f.span_start,
+                   after);
+  const std::span<const std::byte> checked = std::span(after).first(candidate.check_length);
+  // A boundary that does not reproduce the stream is dropped: the span and the search go on.
+  if (crc32_of(crc32_of(0, {}), checked) != candidate.check_crc) return;
+  start_span(std::move(candidate.checkpoint), candidate.crc_before, publication);
+  append_to_span(after);
+}
+
+Status GzipSource::fall_back_to_zlib() const {
+  Frontier& f = *frontier_;
+  const std::string where = describe() + ": going on with zlib at output offset " +
+                            std::to_string(f.out_total);
+  const GzipCheckpoint* start = nullptr;
+  {
+    std::lock_guard lock(mu_);
+    start = &checkpoints_.back();  // the current span's; deque elements never move
+  }
+  if (start->out_offset != f.span_start) {
+    return fail(Status::Corruption(where + ": the span's checkpoint is not where it began"));
+  }
+  Result<std::unique_ptr<Inflater>> made = make_inflater(InflateEngine::kZlib);
+  if (!made.ok()) return fail(made.status().with_context(where));
+  Inflater& inflater = **made;
+  std::vector<std::byte> window(start->window_bytes);
+  if (start->window_bytes != 0) {
+    if (Status s = unpack_window(*start, window); !s.ok()) return fail(s.with_context(where));
+  }
+  uint64_t in_pos = start->in_offset - (start->bits != 0 ? 1 : 0);
+  bool started = false;
+  std::span<const std::byte> pending;
+  std::vector<std::byte> scratch(kPieceBytes);
+  uint32_t crc = crc32_of(0, {});
+  for (uint64_t left = f.out_total - start->out_offset; left > 0;) {
+    if (pending.empty()) {
+      if (in_pos >= lower_size_) {
+        return fail(Status::Corruption(where + ": compressed data ended early"));
+      }
+      const uint64_t length = std::min(kInputChunkBytes, lower_size_ - in_pos);
+      if (Status s = read_lower(in_pos, std::span(f.input).first(length)); !s.ok()) return s;
+      pending = std::span<const std::byte>(f.input).first(length);
+      f.input_start = in_pos;
+      in_pos += length;
+      if (!started) {
+        uint8_t first_bits = 0;
+        if (start->bits != 0) {
+          first_bits =
+              static_cast<uint8_t>(std::to_integer<unsigned>(pending[0]) >> (8 - start->bits));
+          pending = pending.subspan(1);
+        }
+        if (Status s = inflater.reset(window, start->bits, first_bits); !s.ok()) {
+          return fail(s.with_context(where));
+        }
+        started = true;
+      }
+    }
+    const size_t room = static_cast<size_t>(std::min<uint64_t>(scratch.size(), left));
+    Result<InflateProgress> progress = inflater.inflate(pending, std::span(scratch).first(room));
+    if (!progress.ok()) return fail(progress.status().with_context(where));
+    pending = pending.subspan(progress->consumed);
+    if ((progress->consumed == 0 && progress->produced == 0 && !pending.empty()) ||
+        (progress->stream_end && progress->produced < left)) {
+      return fail(Status::Corruption(where + ": the stream does not inflate as it did"));
+    }
+    crc = crc32_of(crc, std::span(scratch).first(progress->produced));
+    left -= progress->produced;
+  }
+  if (crc != f.span_crc) {
+    return fail(Status::Corruption(where + ": the span's CRC32 differs from the first inflation"));
+  }
+  f.inflater = std::move(*made);
+  f.on_fallback = true;
+  f.pending = pending;
+  f.in_end = in_pos;
+  f.boundary_search_in = 0;
+  return Status::OK();
+}
+
+void GzipSource::start_span(GzipCheckpoint checkpoint, uint32_t completed_crc,
+                            Publication& publication) const {
+  Frontier& f = *frontier_;
+  f.span_start = checkpoint.out_offset;
   publication.checkpoint = std::move(checkpoint);
-  publication.completed_span_crc = f.span_crc;
+  publication.completed_span_crc = completed_crc;
   f.span = std::make_shared<Span>();
-  f.span_start = f.out_total;
   f.span_crc = crc32_of(0, {});
   f.piece = nullptr;
   publication.next_span = f.span;
 }
 
+void GzipSource::append_to_span(std::span<const std::byte> bytes) const {
+  Frontier& f = *frontier_;
+  f.span_crc = crc32_of(f.span_crc, bytes);
+  while (!bytes.empty()) {
+    if (f.piece == nullptr || f.piece_used == kPieceBytes) {
+      auto piece = std::make_unique_for_overwrite<std::byte[]>(kPieceBytes);
+      f.piece = piece.get();
+      f.piece_used = 0;
+      std::lock_guard lock(mu_);
+      f.span->pieces.push_back(std::move(piece));
+    }
+    const size_t n = std::min(bytes.size(), kPieceBytes - f.piece_used);
+    std::memcpy(f.piece + f.piece_used, bytes.data(), n);
+    f.piece_used += n;
+    bytes = bytes.subspan(n);
+  }
+}
+
 Status GzipSource::step_trailer() const {
   Frontier& f = *frontier_;
-  z_stream& strm = f.inflater.strm;
-  const uint64_t at = f.in_end - strm.avail_in;
+  const uint64_t at = f.trailer_at;
   std::byte trailer[kTrailerBytes];
-  if (strm.avail_in >= kTrailerBytes) {
-    std::memcpy(trailer, strm.next_in, kTrailerBytes);
+  if (at >= f.input_start && at + kTrailerBytes <= f.in_end) {
+    std::memcpy(trailer, f.input.data() + (at - f.input_start), kTrailerBytes);
   } else {
     if (lower_size_ - at < kTrailerBytes) {
       return fail(Status::Corruption(
@@ -584,7 +774,7 @@ Status GzipSource::step_trailer() const {
         describe() + ": gzip member ISIZE mismatch at compressed offset " + std::to_string(at)));
   }
   f.in_end = at + kTrailerBytes;
-  strm.avail_in = 0;
+  f.pending = {};
   f.state = Frontier::State::kNextMember;
   return Status::OK();
 }
@@ -619,9 +809,14 @@ Status GzipSource::step_next_member() const {
     }
     return header_length.status().with_context(describe());
   }
-  if (inflateReset(&f.inflater.strm) != Z_OK) {
-    return fail(Status::Corruption(describe() + ": inflateReset failed"));
+  if (f.on_fallback) {
+    // Each member gets the frontier's engine again: the zlib fallback was for the last one.
+    Result<std::unique_ptr<Inflater>> made = make_inflater(frontier_engine_);
+    if (!made.ok()) return fail(made.status().with_context(describe()));
+    f.inflater = std::move(*made);
+    f.on_fallback = false;
   }
+  if (Status s = f.inflater->reset({}, 0, 0); !s.ok()) return fail(s.with_context(describe()));
   f.in_end = at + *header_length;
   f.member_crc = crc32_of(0, {});
   f.member_out = 0;
@@ -634,7 +829,7 @@ Status GzipSource::step_next_member() const {
   GzipCheckpoint checkpoint;
   checkpoint.out_offset = f.out_total;
   checkpoint.in_offset = f.in_end;
-  start_span(std::move(checkpoint), publication);
+  start_span(std::move(checkpoint), f.span_crc, publication);
   publish(std::move(publication));
   return Status::OK();
 }
@@ -689,8 +884,7 @@ void GzipSource::publish(Publication publication) const {
       const size_t completed = checkpoints_.size() - 1;
       span_crcs_.push_back(publication.completed_span_crc);
       if (!building_->pieces.empty()) {
-        const uint64_t bytes = building_->pieces.size() * kPieceBytes;
-        cache_insert_locked(completed, std::move(building_), bytes);
+        cache_insert_locked(completed, std::move(building_));
       }
       building_.reset();
     }
@@ -727,11 +921,11 @@ Status GzipSource::read_lower(uint64_t offset, std::span<std::byte> out) const {
 }
 
 Result<std::shared_ptr<const GzipSource::Span>> GzipSource::decode_span(
-    const GzipCheckpoint& checkpoint, uint64_t span_length, uint64_t in_bound,
-    uint32_t span_crc) const {
+    const GzipCheckpoint& checkpoint, uint64_t span_length, uint64_t in_bound, uint32_t span_crc,
+    InflateEngine engine) const {
   const std::string where = describe() + ": re-inflating the span at output offset " +
                             std::to_string(checkpoint.out_offset);
-  Result<std::unique_ptr<Inflater>> made = make_inflater(span_engine_);
+  Result<std::unique_ptr<Inflater>> made = make_inflater(engine);
   if (!made.ok()) return made.status().with_context(where);
   Inflater& inflater = **made;
   std::vector<std::byte> window(checkpoint.window_bytes);
@@ -822,27 +1016,18 @@ size_t GzipSource::span_index_locked(uint64_t pos) const {
   return static_cast<size_t>(it - checkpoints_.begin()) - 1;
 }
 
-std::shared_ptr<const GzipSource::Span> GzipSource::cache_lookup_locked(size_t index) const {
-  const auto it = cache_.find(index);
-  if (it == cache_.end()) return nullptr;
-  lru_.splice(lru_.begin(), lru_, it->second.lru_position);
-  return it->second.span;
+std::shared_ptr<const GzipSource::Span> GzipSource::cache_lookup_locked(size_t key) const {
+  if (last_span_ != nullptr && last_key_ == key) return last_span_;
+  const auto it = pool_keys_.find(key);
+  return it == pool_keys_.end() ? nullptr : pool_.find(it->second);
 }
 
-void GzipSource::cache_insert_locked(size_t index, std::shared_ptr<const Span> span,
-                                     uint64_t bytes) const {
-  if (cache_.contains(index)) return;
-  lru_.push_front(index);
-  cache_.emplace(index, CacheEntry{std::move(span), bytes, lru_.begin()});
-  cache_bytes_ += bytes;
-  // Keep the newest span even when it alone is over the limit, so the reader that decoded it
-  // is not left racing eviction.
-  while (cache_bytes_ > options_.span_cache_bytes && cache_.size() > 1) {
-    const auto victim = cache_.find(lru_.back());
-    cache_bytes_ -= victim->second.bytes;
-    cache_.erase(victim);
-    lru_.pop_back();
-  }
+void GzipSource::cache_insert_locked(size_t key, std::shared_ptr<const Span> span) const {
+  auto [it, inserted] = pool_keys_.try_emplace(key, 0);
+  if (inserted) it->second = pool_.new_key();
+  pool_.insert(it->second, span, span->pieces.size() * kPieceBytes);
+  last_key_ = key;
+  last_span_ = std::move(span);
 }
 
 }  // namespace imgfs::formats

@@ -5,9 +5,15 @@
 // records a checkpoint (compressed offset, bit offset, packed 32 KiB window) at deflate block
 // boundaries about every span_bytes of output, and at every member start. Span i is the output
 // [checkpoint i, checkpoint i+1). Spans behind the frontier are re-inflated from their checkpoint
-// on demand, with the fastest inflate engine built in (ISA-L when present, formats/inflater.h),
-// and kept in a byte-bounded LRU. The frontier also checks each member's CRC32 and
-// ISIZE, the total size, and the SHA1 of the whole output against the manifest.
+// on demand and kept in a byte-bounded LRU (a GzipSpanPool, which a mount shares between its
+// images). The frontier also checks each member's CRC32 and ISIZE, the total size, and the SHA1
+// of the whole output against the manifest.
+//
+// Both inflations use the fastest engine built in (ISA-L when present, formats/inflater.h).
+// zlib stops at every block end; ISA-L does not, so an ISA-L frontier looks for a boundary in
+// small input steps once a span is long enough, checks each one it finds by inflating a little
+// from it with zlib before using it, and goes on with zlib for the rest of a member where no
+// boundary shows (streams of fixed-Huffman blocks).
 //
 // The index can be saved (snapshot_index) and given to a later open (GzipOptions::initial_index),
 // which then reads any span at once from its checkpoint; every such span is still checked
@@ -22,7 +28,6 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
-#include <list>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -33,11 +38,22 @@
 #include <vector>
 
 #include "formats/block_source.h"
+#include "formats/buffer_pool.h"
 #include "formats/gzip_index.h"
 #include "formats/inflater.h"
 #include "formats/status.h"
 
 namespace imgfs::formats {
+
+// One inflated span, in fixed-size pieces of GzipSource::kPieceBytes (the last one partly used).
+// Pieces never move once allocated, so readers copy from the published part of a span the
+// frontier is still appending to.
+struct GzipSpan {
+  std::vector<std::unique_ptr<std::byte[]>> pieces;
+};
+
+// Inflated spans of every gzip stream of a mount, under one budget.
+using GzipSpanPool = BufferPool<GzipSpan>;
 
 struct GzipOptions {
   // The uncompressed size is the smallest n >= min_uncompressed_size with n % 2^32 == ISIZE
@@ -47,7 +63,11 @@ struct GzipOptions {
   // of several members needs it: ISIZE then describes only the last member.
   std::optional<uint64_t> exact_uncompressed_size;
   uint64_t span_bytes = 1 << 20;         // checkpoint spacing in output bytes; > 0
-  uint64_t span_cache_bytes = 16 << 20;  // in-memory LRU of decoded spans (keeps at least one)
+  // Inflated spans are kept in this pool, shared with other streams; it must outlive the source.
+  // Unset: the source keeps a pool of span_cache_bytes of its own. Either way the source also
+  // holds on to the span it inflated last.
+  GzipSpanPool* span_pool = nullptr;
+  uint64_t span_cache_bytes = 16 << 20;
   std::optional<std::array<uint8_t, 20>> expected_sha1;  // SHA1 of the whole output (tar stream)
   // Accept also a SHA1 match over this output range instead (euca2ools <=1.3.1 digested the
   // image, not the tar stream): {offset, length}.
@@ -66,14 +86,15 @@ struct GzipOptions {
   // stored CRC32, so a stale or forged window gives Corruption, not wrong bytes.
   std::shared_ptr<const GzipIndexSnapshot> initial_index;
   // The engine that re-inflates spans from checkpoints; unset means the fastest one built in
-  // (ISA-L when present). The frontier always inflates with zlib (see gzip_source.cc).
+  // (ISA-L when present).
   std::optional<InflateEngine> span_engine;
+  // The engine of the first, sequential inflation; unset means the fastest one built in.
+  std::optional<InflateEngine> frontier_engine;
 };
 
 class GzipSource final : public BlockSource {
  public:
-  // Fixed-size pieces of a span's output. Pieces never move once allocated, so readers copy from
-  // the published part of the span being inflated while the frontier appends to it.
+  // Size of a GzipSpan's pieces.
   static constexpr size_t kPieceBytes = 64 * 1024;
 
   ~GzipSource() override;
@@ -107,10 +128,16 @@ class GzipSource final : public BlockSource {
   bool used_initial_index() const;
 
  private:
-  struct Span {
-    std::vector<std::unique_ptr<std::byte[]>> pieces;  // each kPieceBytes
-  };
+  using Span = GzipSpan;
   struct Frontier;
+  // A block boundary ISA-L reported, held back until the frontier's output after it can be
+  // compared with what zlib inflated from it.
+  struct Candidate {
+    GzipCheckpoint checkpoint;
+    uint32_t crc_before = 0;    // CRC32 of the span's output before the checkpoint
+    uint64_t check_length = 0;  // bytes zlib inflated from the checkpoint (> 0)
+    uint32_t check_crc = 0;     // and their CRC32
+  };
   struct Publication;
   // A span to copy from: its cache key, checkpoint, output end, compressed bound and CRC32.
   struct SpanRef {
@@ -140,33 +167,50 @@ class GzipSource final : public BlockSource {
   // One unit of frontier work: one inflate call, one trailer, or one member start.
   Status advance_step() const;
   Status step_body() const;
+  // Frontier only: the checkpoint at the deflate block boundary the inflater stands at, `back`
+  // input bits before in_offset.
+  Result<GzipCheckpoint> checkpoint_here(uint64_t in_offset, uint32_t back) const;
+  // Frontier only: inflates a little from a boundary ISA-L reported with zlib, from the input
+  // still buffered, and returns it as a candidate carrying the length and CRC32 of that output.
+  // Errors: any when zlib cannot inflate from there (the boundary is then not used).
+  Result<Candidate> check_ahead(GzipCheckpoint checkpoint) const;
+  // Frontier only: compares the output after the pending candidate with what check_ahead saw;
+  // when it matches, ends the span there, moving the bytes after it to the next span.
+  void settle_candidate(Publication& publication) const;
+  // Frontier only: re-inflates the current span with zlib up to where the frontier stands and
+  // goes on with zlib, which stops at every block end, for the rest of the member.
+  Status fall_back_to_zlib() const;
   Status step_trailer() const;
   Status step_next_member() const;
   Status finish_stream() const;
   // Reads compressed bytes at offset; errors get this layer's context.
   Status read_lower(uint64_t offset, std::span<std::byte> out) const;
   // Re-inflates the span starting at `checkpoint` (span_length bytes, compressed data before
-  // in_bound) and checks it against the CRC32 the frontier saw. Called without mu_.
+  // in_bound) with `engine` and checks it against the CRC32 the frontier saw. Called without mu_.
   Result<std::shared_ptr<const Span>> decode_span(const GzipCheckpoint& checkpoint,
                                                   uint64_t span_length, uint64_t in_bound,
-                                                  uint32_t span_crc) const;
+                                                  uint32_t span_crc, InflateEngine engine) const;
   // Publishes frontier progress under mu_ and wakes waiters.
   void publish(Publication publication) const;
-  // Frontier only: ends the current span at `checkpoint` and opens the next, recording both
-  // in `publication` for publish().
-  void start_span(GzipCheckpoint checkpoint, Publication& publication) const;
+  // Frontier only: ends the current span at `checkpoint` (its bytes before it have CRC32
+  // `completed_crc`) and opens the next, recording both in `publication` for publish().
+  void start_span(GzipCheckpoint checkpoint, uint32_t completed_crc,
+                  Publication& publication) const;
+  // Frontier only: appends output bytes to the span being filled.
+  void append_to_span(std::span<const std::byte> bytes) const;
   // Makes the frontier failure sticky and returns it.
   Status fail(Status status) const;
 
   size_t span_index_locked(uint64_t pos) const;
-  std::shared_ptr<const Span> cache_lookup_locked(size_t index) const;
-  void cache_insert_locked(size_t index, std::shared_ptr<const Span> span, uint64_t bytes) const;
+  std::shared_ptr<const Span> cache_lookup_locked(size_t key) const;
+  void cache_insert_locked(size_t key, std::shared_ptr<const Span> span) const;
 
   const std::unique_ptr<BlockSource> lower_;
   const GzipOptions options_;
   const uint64_t size_;
   const uint64_t lower_size_;
   const InflateEngine span_engine_;
+  const InflateEngine frontier_engine_;
 
   // Owned by the reader that set advancing_; handed over through mu_.
   const std::unique_ptr<Frontier> frontier_;
@@ -191,14 +235,14 @@ class GzipSource final : public BlockSource {
   mutable std::shared_ptr<Span> building_;  // GUARDED_BY(mu_) (the vector, not the bytes)
   mutable std::set<size_t> decoding_;       // GUARDED_BY(mu_)
 
-  struct CacheEntry {
-    std::shared_ptr<const Span> span;
-    uint64_t bytes = 0;
-    std::list<size_t>::iterator lru_position;
-  };
-  mutable std::list<size_t> lru_;                         // GUARDED_BY(mu_); front = newest
-  mutable std::unordered_map<size_t, CacheEntry> cache_;  // GUARDED_BY(mu_)
-  mutable uint64_t cache_bytes_ = 0;                      // GUARDED_BY(mu_)
+  // The pool spans live in (own_pool_ when options.span_pool is unset), this source's keys in it
+  // by span key, and the span cached last, held outside the pool so that a reader that waited
+  // for a decode finds it even when the pool is too small to keep it.
+  const std::unique_ptr<GzipSpanPool> own_pool_;
+  GzipSpanPool& pool_;
+  mutable std::unordered_map<size_t, uint64_t> pool_keys_;  // GUARDED_BY(mu_)
+  mutable size_t last_key_ = 0;                             // GUARDED_BY(mu_)
+  mutable std::shared_ptr<const Span> last_span_;           // GUARDED_BY(mu_)
 };
 
 // Opens a gzip stream over `lower`: checks the first member's header and reads ISIZE to fix

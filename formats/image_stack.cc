@@ -195,7 +195,7 @@ Result<OpenedBundle> open_bundle_layout(const BundleLayout& layout, const PartOp
     }
   }
   gzip_options.span_bytes = options.span_bytes;
-  gzip_options.span_cache_bytes = options.span_cache_bytes;
+  gzip_options.span_pool = options.span_pool;
   gzip_options.expected_sha1 = layout.tar_sha1;
   gzip_options.alternate_sha1_range = std::make_pair(kTarBlock, layout.image_size);
   // Covers what follows the member: its padding, two zero blocks and the 10240-byte record.

@@ -47,7 +47,8 @@ struct BundleStackOptions {
   // of whole parts): those bytes are unverified, a hint to check again on a verified chain.
   bool verify_parts = true;
   uint64_t span_bytes = 1 << 20;                // gzip checkpoint spacing
-  uint64_t span_cache_bytes = 16 << 20;         // decoded spans kept in memory per image
+  // Inflated gzip spans, shared by the images of a mount; null: 16 MiB of spans per image.
+  GzipSpanPool* span_pool = nullptr;
   // The bytes of a saved gzip index of this bundle, if one was kept (may be empty). Parsed as
   // untrusted: a bad, stale or foreign index is ignored and the index is built again.
   std::function<std::optional<std::vector<std::byte>>()> load_index;

@@ -70,55 +70,6 @@ Status check_digest(const std::string& part_name, const Sha1& expected,
 
 }  // namespace
 
-VerifiedPartPool::VerifiedPartPool(uint64_t budget_bytes) : budget_bytes_(budget_bytes) {}
-
-uint64_t VerifiedPartPool::new_key() {
-  std::lock_guard lock(mu_);
-  return next_key_++;
-}
-
-VerifiedPartPool::Buffer VerifiedPartPool::find(uint64_t key) {
-  std::lock_guard lock(mu_);
-  auto it = entries_.find(key);
-  if (it == entries_.end()) return nullptr;
-  lru_.splice(lru_.begin(), lru_, it->second.lru_position);
-  return it->second.buffer;
-}
-
-void VerifiedPartPool::insert(uint64_t key, Buffer buffer) {
-  std::lock_guard lock(mu_);
-  if (auto it = entries_.find(key); it != entries_.end()) {
-    resident_bytes_ -= it->second.buffer->size();
-    lru_.erase(it->second.lru_position);
-    entries_.erase(it);
-  }
-  const uint64_t size = buffer->size();
-  if (size > budget_bytes_) return;
-  while (resident_bytes_ + size > budget_bytes_) {
-    auto victim = entries_.find(lru_.back());
-    resident_bytes_ -= victim->second.buffer->size();
-    entries_.erase(victim);
-    lru_.pop_back();
-  }
-  lru_.push_front(key);
-  entries_.emplace(key, Entry{std::move(buffer), lru_.begin()});
-  resident_bytes_ += size;
-}
-
-void VerifiedPartPool::erase(uint64_t key) {
-  std::lock_guard lock(mu_);
-  auto it = entries_.find(key);
-  if (it == entries_.end()) return;
-  resident_bytes_ -= it->second.buffer->size();
-  lru_.erase(it->second.lru_position);
-  entries_.erase(it);
-}
-
-uint64_t VerifiedPartPool::resident_bytes() const {
-  std::lock_guard lock(mu_);
-  return resident_bytes_;
-}
-
 Result<std::unique_ptr<BlockSource>> open_verified_part(std::unique_ptr<BlockSource> lower,
                                                         std::array<uint8_t, 20> expected_sha1,
                                                         std::string part_name,
@@ -161,7 +112,7 @@ Status VerifiedPartSource::read_at(uint64_t offset, std::span<std::byte> out) co
       in_flight_ = fill;
       lock.unlock();
       Result<VerifiedPartPool::Buffer> fetched = fetch_and_verify();
-      if (fetched.ok()) pool_.insert(pool_key_, *fetched);
+      if (fetched.ok()) pool_.insert(pool_key_, *fetched, (*fetched)->size());
       lock.lock();
       fill->done = true;
       fill->status = fetched.status();

@@ -16,47 +16,12 @@
 #include <vector>
 
 #include "formats/block_source.h"
+#include "formats/buffer_pool.h"
 
 namespace imgfs::formats {
 
-// Verified part buffers, least recently used evicted first, holding at most `budget_bytes`.
-// Built in main and passed by reference; it must outlive every source that uses it.
-// Thread-safe: every method locks mu_, which is a leaf lock (nothing is called while holding it).
-class VerifiedPartPool {
- public:
-  using Buffer = std::shared_ptr<const std::vector<std::byte>>;
-
-  explicit VerifiedPartPool(uint64_t budget_bytes);
-  VerifiedPartPool(const VerifiedPartPool&) = delete;
-  VerifiedPartPool& operator=(const VerifiedPartPool&) = delete;
-
-  // A key no other user of this pool has, for one part.
-  uint64_t new_key();
-  // The buffer under `key` (now the most recently used), or null.
-  Buffer find(uint64_t key);
-  // Stores `buffer` under `key`, evicting least recently used buffers to stay within the budget.
-  // A buffer larger than the whole budget is not retained. Readers still holding an evicted
-  // buffer keep it alive until they finish copying.
-  void insert(uint64_t key, Buffer buffer);
-  // Drops the buffer under `key`, if any.
-  void erase(uint64_t key);
-
-  uint64_t budget_bytes() const { return budget_bytes_; }
-  uint64_t resident_bytes() const;
-
- private:
-  struct Entry {
-    Buffer buffer;
-    std::list<uint64_t>::iterator lru_position;
-  };
-
-  const uint64_t budget_bytes_;
-  mutable std::mutex mu_;
-  uint64_t next_key_ = 0;                        // Guarded by mu_.
-  uint64_t resident_bytes_ = 0;                  // Guarded by mu_.
-  std::list<uint64_t> lru_;                      // Guarded by mu_; most recently used first.
-  std::unordered_map<uint64_t, Entry> entries_;  // Guarded by mu_.
-};
+// Verified part buffers, shared by every part of every image of a mount (formats/buffer_pool.h).
+using VerifiedPartPool = BufferPool<std::vector<std::byte>>;
 
 class VerifiedPartSource final : public BlockSource {
  public:

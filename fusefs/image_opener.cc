@@ -269,6 +269,7 @@ formats::BundleStackOptions ImageOpener::bundle_options(
   options.keys = config_.keys;
   options.verify_cert = config_.verify_cert;
   options.part_pool = config_.part_pool;
+  options.span_pool = config_.span_pool;
   if (config_.index_store != nullptr || !config_.index_trusted.empty()) {
     options.load_index = [this, manifest_object]() -> std::optional<std::vector<std::byte>> {
       const std::string id = index_id(manifest_object);

@@ -31,6 +31,7 @@ struct ImageOpenerConfig {
   std::vector<const formats::PrivateKey*> keys;
   const formats::Certificate* verify_cert = nullptr;
   formats::VerifiedPartPool* part_pool = nullptr;  // required
+  formats::GzipSpanPool* span_pool = nullptr;      // null: each bundle keeps its own spans
   cache::BlockStore* block_store = nullptr;        // null: no on-disk cache
   const IndexStore* index_store = nullptr;         // null: gzip indexes are not kept
   // Signs the indexes publish_index uploads beside their manifests; null: none are uploaded.

@@ -159,11 +159,16 @@ int run_mount_command(const std::vector<std::string>& args) {
 
   auto index_store = IndexStore::open(cache_dir + "/index");
   if (!index_store.ok()) return fail(index_store.status().to_string());
+  // One --memory-limit, in three shares: verified parts, inflated spans, read-ahead.
   formats::VerifiedPartPool part_pool(options.part_memory_bytes);
+  formats::GzipSpanPool span_pool(options.span_memory_bytes);
+  const uint64_t read_ahead_bytes =
+      options.memory_limit_bytes - options.part_memory_bytes - options.span_memory_bytes;
   ImageOpenerConfig config;
   for (const formats::PrivateKey& key : keys) config.keys.push_back(&key);
   config.verify_cert = verify_cert ? &*verify_cert : nullptr;
   config.part_pool = &part_pool;
+  config.span_pool = &span_pool;
   config.block_store = block_store->get();
   config.index_store = index_store->get();
   config.cache_block_bytes = options.cache_block_bytes;
@@ -179,7 +184,16 @@ int run_mount_command(const std::vector<std::string>& args) {
                                 options.list_ttl_seconds, options.background_index);
   if (!catalog.ok()) return fail(catalog.status().to_string());
 
-  FuseContext context{**catalog, log, store->stats};
+  auto memory_stats = [&]() {
+    return "\"memory\":{\"limit\":" + std::to_string(options.memory_limit_bytes) +
+           ",\"parts\":" + std::to_string(part_pool.resident_bytes()) +
+           ",\"spans\":" + std::to_string(span_pool.resident_bytes()) +
+           ",\"read_ahead\":" + std::to_string(prefetch_budget.in_use()) + "}";
+  };
+  FuseContext context{**catalog, log, [&, store_stats = store->stats]() {
+                        const std::string store_part = store_stats ? store_stats() : "";
+                        return (store_part.empty() ? "" : store_part + ",") + memory_stats();
+                      }};
   std::vector<std::string> fuse_argv = {"imgfs", "-o",
                                         "ro,default_permissions,fsname=imgfs,subtype=imgfs"};
   if (options.allow_other) fuse_argv.insert(fuse_argv.end(), {"-o", "allow_other"});
@@ -205,7 +219,7 @@ int run_mount_command(const std::vector<std::string>& args) {
   // The launching process exits 0 here, once the mount is ready; the child serves.
   fuse_daemonize(options.foreground ? 1 : 0);
   if (!options.foreground) log.use_syslog();
-  prefetch_budget.set_limit(options.memory_limit_bytes);
+  prefetch_budget.set_limit(read_ahead_bytes);
 
   fuse_loop_config* loop_config = fuse_loop_cfg_create();
   fuse_loop_cfg_set_clone_fd(loop_config, 0);

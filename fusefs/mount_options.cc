@@ -69,8 +69,13 @@ Result<std::optional<S3Location>> parse_s3_location(const std::string& source) {
 }
 
 Result<MountOptions> parse_mount_options(const std::vector<std::string>& args) {
+  // Read-ahead gets what the part and span shares leave; a smaller rest would starve it.
+  constexpr uint64_t kMinReadAheadMemory = 4u << 20;
+  constexpr uint64_t kMinMemoryLimit = 8u << 20;
   MountOptions options;
   options.cache_dir = default_cache_dir();
+  std::optional<uint64_t> part_memory;  // unset: a share of --memory-limit
+  std::optional<uint64_t> span_memory;
   std::vector<std::string> positional;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& arg = args[i];
@@ -113,8 +118,8 @@ Result<MountOptions> parse_mount_options(const std::vector<std::string>& args) {
       options.index_cert_paths.push_back(*text);
     } else if (arg == "--memory-limit") {
       status = size_value(options.memory_limit_bytes);
-      if (status.ok() && options.memory_limit_bytes < (4u << 20)) {
-        status = Status::InvalidArgument("--memory-limit must be at least 4M");
+      if (status.ok() && options.memory_limit_bytes < kMinMemoryLimit) {
+        status = Status::InvalidArgument("--memory-limit must be at least 8M");
       }
     } else if (arg == "--prefetch-window") {
       status = size_value(options.prefetch_window_bytes);
@@ -129,7 +134,13 @@ Result<MountOptions> parse_mount_options(const std::vector<std::string>& args) {
     } else if (arg == "--cache-size") {
       status = size_value(options.cache_size_bytes);
     } else if (arg == "--part-memory") {
-      status = size_value(options.part_memory_bytes);
+      uint64_t bytes = 0;
+      status = size_value(bytes);
+      part_memory = bytes;
+    } else if (arg == "--span-memory") {
+      uint64_t bytes = 0;
+      status = size_value(bytes);
+      span_memory = bytes;
     } else if (arg == "--cache-block") {
       uint64_t bytes = 0;
       status = size_value(bytes);
@@ -199,6 +210,15 @@ Result<MountOptions> parse_mount_options(const std::vector<std::string>& args) {
   }
   options.source = positional[0];
   options.mountpoint = positional[1];
+  options.part_memory_bytes = part_memory.value_or(options.memory_limit_bytes / 4);
+  options.span_memory_bytes = span_memory.value_or(options.memory_limit_bytes / 8);
+  if (options.part_memory_bytes > options.memory_limit_bytes ||
+      options.span_memory_bytes > options.memory_limit_bytes - options.part_memory_bytes ||
+      options.memory_limit_bytes - options.part_memory_bytes - options.span_memory_bytes <
+          kMinReadAheadMemory) {
+    return Status::InvalidArgument(
+        "--part-memory and --span-memory must leave at least 4M of --memory-limit for read-ahead");
+  }
   if (options.sigv2 && options.no_sign) {
     return Status::InvalidArgument("--sigv2 and --no-sign exclude each other");
   }

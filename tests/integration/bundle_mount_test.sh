@@ -75,6 +75,16 @@ grep -q '"images"' "$M/.imgfs/stats.json" || fail "stats.json"
 SERVED=$(stat_field "$M/.imgfs/stats.json" bytes_served)
 [ "$SERVED" -gt 0 ] || fail "stats.json bytes_served"
 pass "stats.json reports bytes_served=$SERVED"
+MEMORY=$(grep -o '"memory":{[^}]*}' "$M/.imgfs/stats.json") || fail "stats.json has no memory"
+LIMIT=$(echo "$MEMORY" | grep -o '"limit":[0-9]*' | cut -d: -f2)
+PARTS=$(echo "$MEMORY" | grep -o '"parts":[0-9]*' | cut -d: -f2)
+SPANS=$(echo "$MEMORY" | grep -o '"spans":[0-9]*' | cut -d: -f2)
+AHEAD=$(echo "$MEMORY" | grep -o '"read_ahead":[0-9]*' | cut -d: -f2)
+[ "$LIMIT" -eq $((256 << 20)) ] || fail "memory limit $LIMIT"
+[ "$PARTS" -gt 0 ] && [ "$PARTS" -le $((64 << 20)) ] || fail "verified parts in memory: $PARTS"
+[ "$SPANS" -le $((32 << 20)) ] || fail "inflated spans in memory: $SPANS"
+[ $((PARTS + SPANS + AHEAD)) -le "$LIMIT" ] || fail "memory over the limit: $MEMORY"
+pass "stats.json memory within --memory-limit: $MEMORY"
 unmount "$M"
 
 # A mount without the right key: the images still appear, reads fail with EIO and one log line,

@@ -845,16 +845,21 @@ TEST(GzipSourceTest, IndexFileBytesPerCheckpoint) {
   }
 }
 
-class GzipEngineTest : public ::testing::TestWithParam<std::tuple<InflateEngine, int, uint64_t>> {};
+class GzipEngineTest
+    : public ::testing::TestWithParam<std::tuple<InflateEngine, InflateEngine, int, uint64_t>> {};
 
-// Spans re-inflated from the frontier's checkpoints by each engine give the reference bytes, on
-// stored, fast, default, best and flushed streams, and from a loaded index (no frontier).
+// The checkpoints of a frontier of each engine, and spans re-inflated from them by each engine,
+// give the reference bytes, on stored, fast, best and flushed streams, and from a loaded index
+// (no frontier).
 TEST_P(GzipEngineTest, SpansMatchReference) {
-  const auto [engine, level, flush_every] = GetParam();
-  if (!inflate_engine_available(engine)) GTEST_SKIP() << "engine not built in";
+  const auto [engine, frontier_engine, level, flush_every] = GetParam();
+  if (!inflate_engine_available(engine) || !inflate_engine_available(frontier_engine)) {
+    GTEST_SKIP() << "engine not built in";
+  }
   const Fixture& f = fixture(level, flush_every);
   GzipOptions options;
   options.span_engine = engine;
+  options.frontier_engine = frontier_engine;
   options.span_cache_bytes = 1;
   options.expected_sha1 = sha1(f.data);
   Opened opened = open(f.compressed, options);
@@ -871,19 +876,80 @@ TEST_P(GzipEngineTest, SpansMatchReference) {
 INSTANTIATE_TEST_SUITE_P(EnginesAndLevels, GzipEngineTest,
                          ::testing::Combine(::testing::Values(InflateEngine::kZlib,
                                                               InflateEngine::kIsal),
+                                            ::testing::Values(InflateEngine::kZlib,
+                                                              InflateEngine::kIsal),
                                             ::testing::Values(0, 1, 9),
                                             ::testing::Values(uint64_t{0}, uint64_t{100000})));
 
+// ISA-L shows no boundary in a stream of fixed-Huffman blocks: the frontier goes on with zlib
+// there and still records checkpoints at the usual spacing, member by member (a fixed member
+// followed by a dynamic one), as it does on Huffman-only and RLE streams.
+TEST(GzipSourceTest, FrontierCheckpointsEveryKindOfBlock) {
+  const std::vector<std::byte> data = make_data(kDataSize, 31);
+  const std::vector<std::byte> fixed = testing::zlib_compress(data, 31, 6, 0, 8, Z_FIXED);
+  std::vector<std::byte> fixed_then_dynamic = fixed;
+  const std::vector<std::byte> dynamic = gzip(data, 6);
+  fixed_then_dynamic.insert(fixed_then_dynamic.end(), dynamic.begin(), dynamic.end());
+  std::vector<std::byte> twice = data;
+  twice.insert(twice.end(), data.begin(), data.end());
+  const struct {
+    const char* name;
+    std::vector<std::byte> compressed;
+    const std::vector<std::byte>* data;
+  } streams[] = {
+      {"fixed", fixed, &data},
+      {"huffman_only", testing::zlib_compress(data, 31, 6, 0, 8, Z_HUFFMAN_ONLY), &data},
+      {"rle", testing::zlib_compress(data, 31, 6, 0, 8, Z_RLE), &data},
+      {"fixed then dynamic", fixed_then_dynamic, &twice},
+  };
+  for (const auto& stream : streams) {
+    for (InflateEngine engine : {InflateEngine::kZlib, InflateEngine::kIsal}) {
+      if (!inflate_engine_available(engine)) continue;
+      SCOPED_TRACE(std::string(stream.name) + " with a frontier of engine " +
+                   std::to_string(static_cast<int>(engine)));
+      GzipOptions options;
+      options.frontier_engine = engine;
+      options.span_cache_bytes = 1;
+      options.exact_uncompressed_size = stream.data->size();
+      options.expected_sha1 = sha1(*stream.data);
+      Opened opened = open(stream.compressed, options);
+      ASSERT_NE(opened.gzip, nullptr);
+      check_everything(*opened.gzip, *stream.data);
+    }
+  }
+}
+
+// Streams given one pool keep their spans in it, within its budget, and take them out when they
+// go away.
+TEST(GzipSourceTest, StreamsShareOneSpanPool) {
+  GzipSpanPool pool(6 * kSpan);
+  GzipOptions options;
+  options.span_pool = &pool;
+  Opened first = open(fixture(1).compressed, options);
+  Opened second = open(fixture(6).compressed, options);
+  ASSERT_NE(first.gzip, nullptr);
+  ASSERT_NE(second.gzip, nullptr);
+  check_everything(*first.gzip, fixture(1).data);
+  check_everything(*second.gzip, fixture(6).data);
+  EXPECT_GT(pool.resident_bytes(), 0u);
+  EXPECT_LE(pool.resident_bytes(), pool.budget_bytes());
+  first.gzip.reset();
+  second.gzip.reset();
+  EXPECT_EQ(pool.resident_bytes(), 0u);
+}
+
 TEST(GzipSourceTest, UnavailableEngineIsRefusedAtOpen) {
   for (InflateEngine engine : {InflateEngine::kZlib, InflateEngine::kIsal}) {
-    GzipOptions options;
-    options.span_engine = engine;
-    Result<std::unique_ptr<GzipSource>> source =
-        open_gzip(std::make_unique<MemorySource>(fixture(6).compressed), options);
-    if (inflate_engine_available(engine)) {
-      EXPECT_TRUE(source.ok());
-    } else {
-      EXPECT_EQ(source.status().code(), StatusCode::kNotSupported);
+    for (const bool frontier : {false, true}) {
+      GzipOptions options;
+      (frontier ? options.frontier_engine : options.span_engine) = engine;
+      Result<std::unique_ptr<GzipSource>> source =
+          open_gzip(std::make_unique<MemorySource>(fixture(6).compressed), options);
+      if (inflate_engine_available(engine)) {
+        EXPECT_TRUE(source.ok());
+      } else {
+        EXPECT_EQ(source.status().code(), StatusCode::kNotSupported);
+      }
     }
   }
 }

@@ -45,6 +45,8 @@ TEST(ParseMountOptions, Defaults) {
   EXPECT_FALSE(options->foreground);
   EXPECT_FALSE(options->cache_dir.empty());
   EXPECT_EQ(options->memory_limit_bytes, 256ull << 20);
+  EXPECT_EQ(options->part_memory_bytes, 64ull << 20);
+  EXPECT_EQ(options->span_memory_bytes, 32ull << 20);
   EXPECT_EQ(options->prefetch_window_bytes, 16ull << 20);
   EXPECT_TRUE(options->prefetch);
   EXPECT_TRUE(options->background_index);
@@ -66,6 +68,26 @@ TEST(ParseMountOptions, SpeedAndIndexOptions) {
   EXPECT_EQ(options->index_cert_paths, (std::vector<std::string>{"a.pem", "b.pem"}));
   EXPECT_FALSE(parse_mount_options({"src", "mnt", "--memory-limit", "1M"}).ok());
   EXPECT_FALSE(parse_mount_options({"src", "mnt", "--prefetch-window", "2G"}).ok());
+}
+
+// --memory-limit bounds parts, spans and read-ahead together: the part and span shares default
+// to a quarter and an eighth of it and must leave 4M for read-ahead.
+TEST(ParseMountOptions, MemoryShares) {
+  auto scaled = parse_mount_options({"src", "mnt", "--memory-limit", "64M"});
+  ASSERT_TRUE(scaled.ok());
+  EXPECT_EQ(scaled->part_memory_bytes, 16ull << 20);
+  EXPECT_EQ(scaled->span_memory_bytes, 8ull << 20);
+  auto set = parse_mount_options(
+      {"src", "mnt", "--part-memory", "100M", "--span-memory", "10M", "--memory-limit", "1G"});
+  ASSERT_TRUE(set.ok());
+  EXPECT_EQ(set->part_memory_bytes, 100ull << 20);
+  EXPECT_EQ(set->span_memory_bytes, 10ull << 20);
+  EXPECT_TRUE(parse_mount_options({"src", "mnt", "--part-memory", "200M", "--span-memory", "52M"})
+                  .ok());
+  EXPECT_FALSE(
+      parse_mount_options({"src", "mnt", "--part-memory", "200M", "--span-memory", "53M"}).ok());
+  EXPECT_FALSE(parse_mount_options({"src", "mnt", "--part-memory", "300M"}).ok());
+  EXPECT_FALSE(parse_mount_options({"src", "mnt", "--memory-limit", "4M"}).ok());
 }
 
 TEST(ParseMountOptions, Errors) {
