@@ -71,12 +71,13 @@ Status PrefetchSource::read_at(uint64_t offset, std::span<std::byte> out) const 
   const uint64_t end = offset + out.size();
   std::vector<Piece> pieces;
   bool queued = false;
+  const bool read_ahead = !options_.read_ahead_now || options_.read_ahead_now();
   {
     std::lock_guard<std::mutex> lock(mu_);
     // Plan before tracking: tracking may drop chunks this read needs, and the pieces keep
     // their chunks alive.
     pieces = plan_read(offset, end);
-    queued = track_read(offset, end);
+    queued = track_read(offset, end, read_ahead);
   }
   if (queued) {
     // The workers start with the first prefetch, not at construction: a mount opens some
@@ -161,7 +162,7 @@ std::vector<PrefetchSource::Piece> PrefetchSource::plan_read(uint64_t offset,
   return pieces;
 }
 
-bool PrefetchSource::track_read(uint64_t offset, uint64_t end) const {
+bool PrefetchSource::track_read(uint64_t offset, uint64_t end, bool read_ahead) const {
   const uint64_t serial = ++read_serial_;
   std::erase_if(streams_,
                 [serial](const Stream& s) { return serial - s.last_read > kStreamIdleReads; });
@@ -188,7 +189,7 @@ bool PrefetchSource::track_read(uint64_t offset, uint64_t end) const {
     streams_.push_back(Stream{end, 0, serial});
   }
   drop_unwanted();
-  if (match == nullptr || options_.threads == 0) return false;
+  if (match == nullptr || options_.threads == 0 || !read_ahead) return false;
   // window <= kMaxWindowBytes and next <= size_, so this cannot overflow.
   return schedule(match->next, std::min(size_, match->next + match->window));
 }

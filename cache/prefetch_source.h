@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -57,6 +58,10 @@ struct PrefetchOptions {
   uint64_t chunk_bytes = 1 << 20;
   // Background fetch threads owned by each PrefetchSource; 0 turns prefetch off.
   unsigned threads = 2;
+  // When set and false, nothing is read ahead (windows still grow): for a lower that can only
+  // be produced in order for now, such as a gzip stream before its first inflation ended,
+  // parallel fetches would only queue up behind that one inflation. Called without locks held.
+  std::function<bool()> read_ahead_now;
 };
 
 // Counters since the source was built; for stats and tests.
@@ -155,9 +160,10 @@ class PrefetchSource final : public BlockSource {
 
   // Splits [offset, end) into pieces over chunks_; claims queued chunks. Requires mu_.
   std::vector<Piece> plan_read(uint64_t offset, uint64_t end) const;
-  // Updates streams_ for a read of [offset, end), drops chunks no stream wants and queues
-  // new ones within budget. Returns whether anything was queued. Requires mu_.
-  bool track_read(uint64_t offset, uint64_t end) const;
+  // Updates streams_ for a read of [offset, end), drops chunks no stream wants and, when
+  // `read_ahead`, queues new ones within budget. Returns whether anything was queued. Requires
+  // mu_.
+  bool track_read(uint64_t offset, uint64_t end, bool read_ahead) const;
   // Queues the chunks overlapping [from, to) not yet in chunks_, while the budget lasts.
   // Requires mu_.
   bool schedule(uint64_t from, uint64_t to) const;

@@ -340,7 +340,10 @@ Result<uint64_t> GzipSource::read_some(uint64_t pos, uint64_t end, std::span<std
       continue;
     }
     if (advancing_) {
+      // Woken when the frontier publishes this byte, hands over or fails; not on every step.
+      const auto wanted = wanted_.insert(pos + 1);
       cv_.wait(lock);
+      wanted_.erase(wanted);
       continue;
     }
     advancing_ = true;
@@ -877,9 +880,11 @@ void GzipSource::publish(Publication publication) const {
   const uint64_t published = publication.done
                                  ? publication.published_out
                                  : std::min(publication.published_out, size_ == 0 ? 0 : size_ - 1);
+  bool wake = publication.done;
   {
     std::lock_guard lock(mu_);
     published_out_ = published;
+    wake = wake || (!wanted_.empty() && *wanted_.begin() <= published);
     if (publication.checkpoint || publication.done) {
       const size_t completed = checkpoints_.size() - 1;
       span_crcs_.push_back(publication.completed_span_crc);
@@ -899,7 +904,7 @@ void GzipSource::publish(Publication publication) const {
     }
   }
   f.published = published;
-  cv_.notify_all();
+  if (wake) cv_.notify_all();
 }
 
 Status GzipSource::fail(Status status) const {

@@ -234,6 +234,9 @@ class GzipSource final : public BlockSource {
   mutable std::optional<std::array<uint8_t, 20>> verified_sha1_;  // GUARDED_BY(mu_); once done_
   mutable std::shared_ptr<Span> building_;  // GUARDED_BY(mu_) (the vector, not the bytes)
   mutable std::set<size_t> decoding_;       // GUARDED_BY(mu_)
+  // One past the byte each reader waiting for the frontier needs, so publish() wakes them only
+  // when one of them can go on.
+  mutable std::multiset<uint64_t> wanted_;  // GUARDED_BY(mu_)
 
   // The pool spans live in (own_pool_ when options.span_pool is unset), this source's keys in it
   // by span key, and the span cached last, held outside the pool so that a reader that waited

@@ -247,7 +247,14 @@ void ImageOpener::add_cache(std::unique_ptr<BlockSource> chain, const std::strin
     chain = std::move(cached);
   }
   if (config_.prefetch_budget != nullptr) {
-    chain = std::make_unique<cache::PrefetchSource>(std::move(chain), config_.prefetch,
+    cache::PrefetchOptions prefetch = config_.prefetch;
+    if (const formats::GzipSource* gzip = opened.gzip; gzip != nullptr) {
+      // Until a bundle's first inflation has ended, that one inflation (which the background
+      // indexer drives) is the read-ahead: fetches in parallel would only wait for it. Measured
+      // on a cold 1 GiB bundle from a folder: 6.8 s without them, 9-12 s with.
+      prefetch.read_ahead_now = [gzip] { return gzip->fully_indexed(); };
+    }
+    chain = std::make_unique<cache::PrefetchSource>(std::move(chain), prefetch,
                                                     *config_.prefetch_budget);
   }
   opened.source = std::move(chain);

@@ -1,5 +1,6 @@
 // imgfs: entry point. Dispatches to the subcommands; each catches everything it can throw.
 #include <libxml/parser.h>
+#include <malloc.h>
 
 #include <exception>
 #include <iostream>
@@ -32,6 +33,10 @@ int main(int argc, char** argv) {
   }
   const std::string command = argv[1];
   const std::vector<std::string> args(argv + 2, argv + argc);
+  // glibc gives each of up to 8 x cores threads an arena of its own, and a mount runs 16 FUSE
+  // threads and read-ahead workers: freed span and part buffers then stay spread over many
+  // arenas. Two arenas cut the peak RSS of streaming a 4 GiB bundle from 145 to 118 MiB here.
+  mallopt(M_ARENA_MAX, 2);
   // libxml2 2.9 initialises itself lazily and not thread-safely: do it once, up front.
   xmlInitParser();
   if (imgfs::Status s = imgfs::remote::HttpClient::init_globally(); !s.ok()) {

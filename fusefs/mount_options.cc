@@ -211,7 +211,7 @@ Result<MountOptions> parse_mount_options(const std::vector<std::string>& args) {
   options.source = positional[0];
   options.mountpoint = positional[1];
   options.part_memory_bytes = part_memory.value_or(options.memory_limit_bytes / 4);
-  options.span_memory_bytes = span_memory.value_or(options.memory_limit_bytes / 8);
+  options.span_memory_bytes = span_memory.value_or(options.memory_limit_bytes / 16);
   if (options.part_memory_bytes > options.memory_limit_bytes ||
       options.span_memory_bytes > options.memory_limit_bytes - options.part_memory_bytes ||
       options.memory_limit_bytes - options.part_memory_bytes - options.span_memory_bytes <

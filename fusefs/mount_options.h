@@ -35,10 +35,10 @@ struct MountOptions {
   std::string cache_dir;                    // --cache-dir
   uint64_t cache_size_bytes = 1ull << 30;   // --cache-size
   // --memory-limit bounds the decoded data a mount keeps in memory: verified part ciphertext
-  // (--part-memory, default a quarter of it), inflated gzip spans (--span-memory, default an
-  // eighth) and read-ahead buffers (the rest, at least 4 MiB).
+  // (--part-memory, default a quarter of it), inflated gzip spans (--span-memory, default a
+  // sixteenth) and read-ahead buffers (the rest, at least 4 MiB).
   uint64_t part_memory_bytes = 64ull << 20;  // --part-memory
-  uint64_t span_memory_bytes = 32ull << 20;  // --span-memory
+  uint64_t span_memory_bytes = 16ull << 20;  // --span-memory
   uint32_t cache_block_bytes = 256u << 10;  // --cache-block
   uint64_t memory_limit_bytes = 256ull << 20;  // --memory-limit
   uint64_t prefetch_window_bytes = 16ull << 20;  // --prefetch-window: largest read-ahead

@@ -82,7 +82,7 @@ SPANS=$(echo "$MEMORY" | grep -o '"spans":[0-9]*' | cut -d: -f2)
 AHEAD=$(echo "$MEMORY" | grep -o '"read_ahead":[0-9]*' | cut -d: -f2)
 [ "$LIMIT" -eq $((256 << 20)) ] || fail "memory limit $LIMIT"
 [ "$PARTS" -gt 0 ] && [ "$PARTS" -le $((64 << 20)) ] || fail "verified parts in memory: $PARTS"
-[ "$SPANS" -le $((32 << 20)) ] || fail "inflated spans in memory: $SPANS"
+[ "$SPANS" -le $((16 << 20)) ] || fail "inflated spans in memory: $SPANS"
 [ $((PARTS + SPANS + AHEAD)) -le "$LIMIT" ] || fail "memory over the limit: $MEMORY"
 pass "stats.json memory within --memory-limit: $MEMORY"
 unmount "$M"

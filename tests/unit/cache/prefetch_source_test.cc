@@ -303,6 +303,23 @@ TEST(PrefetchSourceTest, NoThreadsMeansNoPrefetch) {
   EXPECT_EQ(budget.in_use(), 0u);
 }
 
+// While read_ahead_now says no, a sequential reader gets its bytes and no read-ahead; once it
+// says yes, the window it grew meanwhile is fetched in the background.
+TEST(PrefetchSourceTest, ReadAheadWaitsUntilAllowed) {
+  MemoryBudget budget(64 * kMiB);
+  PrefetchOptions options = small_options();
+  std::atomic<bool> allowed{false};
+  options.read_ahead_now = [&allowed] { return allowed.load(); };
+  Fixture f(8 * kMiB, options, budget);
+  uint64_t offset = 0;
+  for (; offset < 4 * kMiB; offset += 64 * kKiB) f.expect_read(offset, 64 * kKiB);
+  EXPECT_EQ(f.source->stats().background_reads, 0u);
+  EXPECT_EQ(f.lower->other_thread_reads(), 0u);
+  allowed = true;
+  for (; offset < 8 * kMiB; offset += 64 * kKiB) f.expect_read(offset, 64 * kKiB);
+  EXPECT_GT(f.source->stats().background_reads, 0u);
+}
+
 TEST(PrefetchSourceTest, EmptyBudgetPrefetchesNothingButServesReads) {
   MemoryBudget budget(0);
   Fixture f(4 * kMiB, small_options(), budget);

@@ -46,7 +46,7 @@ TEST(ParseMountOptions, Defaults) {
   EXPECT_FALSE(options->cache_dir.empty());
   EXPECT_EQ(options->memory_limit_bytes, 256ull << 20);
   EXPECT_EQ(options->part_memory_bytes, 64ull << 20);
-  EXPECT_EQ(options->span_memory_bytes, 32ull << 20);
+  EXPECT_EQ(options->span_memory_bytes, 16ull << 20);
   EXPECT_EQ(options->prefetch_window_bytes, 16ull << 20);
   EXPECT_TRUE(options->prefetch);
   EXPECT_TRUE(options->background_index);
@@ -71,12 +71,12 @@ TEST(ParseMountOptions, SpeedAndIndexOptions) {
 }
 
 // --memory-limit bounds parts, spans and read-ahead together: the part and span shares default
-// to a quarter and an eighth of it and must leave 4M for read-ahead.
+// to a quarter and a sixteenth of it and must leave 4M for read-ahead.
 TEST(ParseMountOptions, MemoryShares) {
   auto scaled = parse_mount_options({"src", "mnt", "--memory-limit", "64M"});
   ASSERT_TRUE(scaled.ok());
   EXPECT_EQ(scaled->part_memory_bytes, 16ull << 20);
-  EXPECT_EQ(scaled->span_memory_bytes, 8ull << 20);
+  EXPECT_EQ(scaled->span_memory_bytes, 4ull << 20);
   auto set = parse_mount_options(
       {"src", "mnt", "--part-memory", "100M", "--span-memory", "10M", "--memory-limit", "1G"});
   ASSERT_TRUE(set.ok());
