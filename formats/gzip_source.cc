@@ -491,13 +491,7 @@ Status GzipSource::step_body() const {
     f.input_start = f.in_end;
     f.in_end += length;
   }
-  if (f.piece == nullptr || f.piece_used == kPieceBytes) {
-    auto piece = std::make_unique_for_overwrite<std::byte[]>(kPieceBytes);
-    f.piece = piece.get();
-    f.piece_used = 0;
-    std::lock_guard lock(mu_);
-    f.span->pieces.push_back(std::move(piece));
-  }
+  add_piece_if_full();
   std::byte* const out = f.piece + f.piece_used;
   const size_t room = kPieceBytes - f.piece_used;
   // Small steps make a boundary show with an engine that does not stop at one.
@@ -736,17 +730,22 @@ void GzipSource::start_span(GzipCheckpoint checkpoint, uint32_t completed_crc,
   publication.next_span = f.span;
 }
 
+void GzipSource::add_piece_if_full() const {
+  Frontier& f = *frontier_;
+  if (f.piece != nullptr && f.piece_used < kPieceBytes) return;
+  auto piece = std::make_unique_for_overwrite<std::byte[]>(kPieceBytes);
+  f.piece = piece.get();
+  f.piece_used = 0;
+  // Readers take the piece list of the span being filled under mu_.
+  std::lock_guard lock(mu_);
+  f.span->pieces.push_back(std::move(piece));
+}
+
 void GzipSource::append_to_span(std::span<const std::byte> bytes) const {
   Frontier& f = *frontier_;
   f.span_crc = crc32_of(f.span_crc, bytes);
   while (!bytes.empty()) {
-    if (f.piece == nullptr || f.piece_used == kPieceBytes) {
-      auto piece = std::make_unique_for_overwrite<std::byte[]>(kPieceBytes);
-      f.piece = piece.get();
-      f.piece_used = 0;
-      std::lock_guard lock(mu_);
-      f.span->pieces.push_back(std::move(piece));
-    }
+    add_piece_if_full();
     const size_t n = std::min(bytes.size(), kPieceBytes - f.piece_used);
     std::memcpy(f.piece + f.piece_used, bytes.data(), n);
     f.piece_used += n;

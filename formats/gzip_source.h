@@ -198,6 +198,8 @@ class GzipSource final : public BlockSource {
                   Publication& publication) const;
   // Frontier only: appends output bytes to the span being filled.
   void append_to_span(std::span<const std::byte> bytes) const;
+  // Frontier only: gives the span being filled a new piece when its last one is full.
+  void add_piece_if_full() const;
   // Makes the frontier failure sticky and returns it.
   Status fail(Status status) const;
 

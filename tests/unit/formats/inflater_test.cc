@@ -138,14 +138,24 @@ struct StreamCase {
 
 class InflaterStreamTest : public ::testing::TestWithParam<StreamCase> {};
 
+// A case's data and its raw deflate stream.
+struct Stream {
+  std::vector<std::byte> data;
+  std::vector<std::byte> deflated;
+};
+
+Stream make_stream(const StreamCase& c) {
+  Stream stream;
+  stream.data = make_data(c.size, static_cast<uint32_t>(c.size + c.level), c.max_run);
+  stream.deflated = deflate_raw(stream.data, c.level, c.mem_level, c.strategy, c.flush_every);
+  return stream;
+}
+
 // From every sampled block boundary of many kinds of stream, each engine reproduces the
 // reference bytes up to the next sampled boundary (and to the end), whatever the step sizes.
 TEST_P(InflaterStreamTest, EveryEngineResumesAtBlockBoundaries) {
   const StreamCase& c = GetParam();
-  const std::vector<std::byte> data =
-      make_data(c.size, static_cast<uint32_t>(c.size + c.level), c.max_run);
-  const std::vector<std::byte> compressed =
-      deflate_raw(data, c.level, c.mem_level, c.strategy, c.flush_every);
+  const auto [data, compressed] = make_stream(c);
   std::vector<Boundary> boundaries = block_boundaries(compressed);
   ASSERT_GE(boundaries.size(), 1u);
   // About 24 starting points spread over the stream, the last one, and up to 12 more that start
@@ -210,10 +220,7 @@ TEST_P(InflaterStreamTest, EveryEngineResumesAtBlockBoundaries) {
 // input an engine took past it is given back exactly.
 TEST_P(InflaterStreamTest, ReportedBoundariesAreRealAndTheEndIsExact) {
   const StreamCase& c = GetParam();
-  const std::vector<std::byte> data =
-      make_data(c.size, static_cast<uint32_t>(c.size + c.level), c.max_run);
-  const std::vector<std::byte> deflated =
-      deflate_raw(data, c.level, c.mem_level, c.strategy, c.flush_every);
+  const auto [data, deflated] = make_stream(c);
   std::vector<uint64_t> real;  // bit positions of zlib's boundaries
   for (const Boundary& b : block_boundaries(deflated)) real.push_back(b.in_offset * 8 - b.bits);
   std::vector<std::byte> compressed = deflated;
