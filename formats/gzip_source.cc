@@ -1,7 +1,6 @@
 #include "formats/gzip_source.h"
 
 #include <openssl/evp.h>
-#include <zlib.h>
 
 #include <algorithm>
 #include <cstring>
@@ -104,13 +103,13 @@ struct GzipSource::Frontier {
 
   std::unique_ptr<Inflater> inflater;
   std::unique_ptr<Inflater> checker;  // zlib, for candidates
-  bool on_fallback = false;  // this member went on with zlib (fall_back_to_zlib)
+  bool on_fallback = false;           // this member went on with zlib (fall_back_to_zlib)
   State state = State::kBody;
   std::vector<std::byte> input = std::vector<std::byte>(kInputChunkBytes);
   std::span<const std::byte> pending;  // the end of `input` not yet taken by the inflater
-  uint64_t input_start = 0;  // compressed offset of input[0]
-  uint64_t in_end = 0;       // compressed offset just past the buffered input
-  uint64_t trailer_at = 0;  // compressed offset of the member trailer, once the body ended
+  uint64_t input_start = 0;            // compressed offset of input[0]
+  uint64_t in_end = 0;                 // compressed offset just past the buffered input
+  uint64_t trailer_at = 0;          // compressed offset of the member trailer, once the body ended
   uint64_t boundary_search_in = 0;  // input passed in small steps while looking for a boundary
   std::optional<Candidate> candidate;  // a boundary ISA-L reported, until settled
   uint64_t out_total = 0;  // bytes inflated, including output held back until a trailer checks
@@ -566,8 +565,7 @@ Status GzipSource::step_body() const {
     if (!checkpoint.ok()) return fail(checkpoint.status());
     if (f.inflater->stops_at_block_ends()) {
       start_span(std::move(*checkpoint), f.span_crc, publication);
-    } else if (Result<Candidate> candidate = check_ahead(std::move(*checkpoint));
-               candidate.ok()) {
+    } else if (Result<Candidate> candidate = check_ahead(std::move(*checkpoint)); candidate.ok()) {
       f.candidate = std::move(*candidate);
       f.boundary_search_in = 0;
     }
@@ -629,7 +627,7 @@ Result<GzipSource::Candidate> GzipSource::check_ahead(GzipCheckpoint checkpoint)
   }
   if (length == 0) return Status::NotFound("nothing inflated after the boundary");
   return Candidate{std::move(checkpoint), f.span_crc, length,
-                             crc32_of(crc32_of(0, {}), std::span(expected).first(length))};
+                   crc32_of(crc32_of(0, {}), std::span(expected).first(length))};
 }
 
 void GzipSource::settle_candidate(Publication& publication) const {
@@ -651,8 +649,8 @@ void GzipSource::settle_candidate(Publication& publication) const {
 
 Status GzipSource::fall_back_to_zlib() const {
   Frontier& f = *frontier_;
-  const std::string where = describe() + ": going on with zlib at output offset " +
-                            std::to_string(f.out_total);
+  const std::string where =
+      describe() + ": going on with zlib at output offset " + std::to_string(f.out_total);
   const GzipCheckpoint* start = nullptr;
   {
     std::lock_guard lock(mu_);
@@ -670,6 +668,9 @@ Status GzipSource::fall_back_to_zlib() const {
   }
   uint64_t in_pos = start->in_offset - (start->bits != 0 ? 1 : 0);
   bool started = false;
+  // Its own input buffer: until it succeeds, the frontier's state stays as it was, so a failed
+  // lower read can be retried by the next step.
+  std::vector<std::byte> input(kInputChunkBytes);
   std::span<const std::byte> pending;
   std::vector<std::byte> scratch(kPieceBytes);
   uint32_t crc = crc32_of(0, {});
@@ -679,9 +680,8 @@ Status GzipSource::fall_back_to_zlib() const {
         return fail(Status::Corruption(where + ": compressed data ended early"));
       }
       const uint64_t length = std::min(kInputChunkBytes, lower_size_ - in_pos);
-      if (Status s = read_lower(in_pos, std::span(f.input).first(length)); !s.ok()) return s;
-      pending = std::span<const std::byte>(f.input).first(length);
-      f.input_start = in_pos;
+      if (Status s = read_lower(in_pos, std::span(input).first(length)); !s.ok()) return s;
+      pending = std::span<const std::byte>(input).first(length);
       in_pos += length;
       if (!started) {
         uint8_t first_bits = 0;
@@ -712,7 +712,9 @@ Status GzipSource::fall_back_to_zlib() const {
   }
   f.inflater = std::move(*made);
   f.on_fallback = true;
-  f.pending = pending;
+  std::memcpy(f.input.data(), pending.data(), pending.size());
+  f.pending = std::span<const std::byte>(f.input).first(pending.size());
+  f.input_start = in_pos - pending.size();
   f.in_end = in_pos;
   f.boundary_search_in = 0;
   return Status::OK();

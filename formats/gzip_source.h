@@ -62,7 +62,7 @@ struct GzipOptions {
   // The exact uncompressed size when the caller knows it; overrides the ISIZE rule above. A stream
   // of several members needs it: ISIZE then describes only the last member.
   std::optional<uint64_t> exact_uncompressed_size;
-  uint64_t span_bytes = 1 << 20;         // checkpoint spacing in output bytes; > 0
+  uint64_t span_bytes = 1 << 20;  // checkpoint spacing in output bytes; > 0
   // Inflated spans are kept in this pool, shared with other streams; it must outlive the source.
   // Unset: the source keeps a pool of span_cache_bytes of its own. Either way the source also
   // holds on to the span it inflated last.
