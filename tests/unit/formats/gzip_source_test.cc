@@ -921,6 +921,60 @@ TEST(GzipSourceTest, FrontierCheckpointsEveryKindOfBlock) {
 
 // Streams given one pool keep their spans in it, within its budget, and take them out when they
 // go away.
+// Fails reads that start in [from, to) while armed: bytes the frontier has already passed.
+class FailBehindSource final : public BlockSource {
+ public:
+  FailBehindSource(std::unique_ptr<BlockSource> lower, uint64_t from, uint64_t to)
+      : lower_(std::move(lower)), from_(from), to_(to) {}
+  uint64_t size() const override { return lower_->size(); }
+  Status read_at(uint64_t offset, std::span<std::byte> out) const override {
+    if (armed_.load() && offset >= from_ && offset < to_) return Status::IOError("HTTP 503");
+    return lower_->read_at(offset, out);
+  }
+  std::string describe() const override { return "fail-behind"; }
+  void set_armed(bool armed) { armed_.store(armed); }
+
+ private:
+  std::unique_ptr<BlockSource> lower_;
+  const uint64_t from_;
+  const uint64_t to_;
+  std::atomic<bool> armed_{false};
+};
+
+// The zlib fallback re-reads the span it re-inflates; when one of those reads fails after others
+// succeeded, the frontier is left as it was, and once the store answers again every byte is
+// right.
+TEST(GzipSourceTest, FailedReadDuringTheZlibFallbackIsRetried) {
+  if (!inflate_engine_available(InflateEngine::kIsal)) GTEST_SKIP() << "no ISA-L frontier";
+  // Text only: fixed-Huffman blocks throughout (no stored block, where ISA-L would find an end).
+  std::vector<std::byte> data;
+  for (int line = 0; data.size() < kDataSize; ++line) {
+    for (char c : "inode " + std::to_string(line * 7919 % 100003) + " mode 0644 size " +
+                      std::to_string(line % 4093) + "\n") {
+      data.push_back(static_cast<std::byte>(c));
+    }
+  }
+  auto faulty = std::make_unique<FailBehindSource>(
+      std::make_unique<MemorySource>(testing::zlib_compress(data, 31, 6, 0, 8, Z_FIXED)),
+      64 * 1024, 100 * 1024);
+  FailBehindSource* switchable = faulty.get();
+  GzipOptions options;
+  options.frontier_engine = InflateEngine::kIsal;
+  options.span_bytes = kSpan;
+  options.span_cache_bytes = 1;
+  options.expected_sha1 = sha1(data);
+  Result<std::unique_ptr<GzipSource>> source = open_gzip(std::move(faulty), options);
+  ASSERT_TRUE(source.ok()) << source.status().to_string();
+  // The frontier passes the failing range, and is still looking for a boundary (it gives up
+  // after 256 KiB of input).
+  expect_range(**source, data, 0, 512 * 1024);
+  switchable->set_armed(true);
+  Status s = read_through(**source);
+  EXPECT_EQ(s.code(), StatusCode::kIOError) << s.to_string();
+  switchable->set_armed(false);
+  check_everything(**source, data);
+}
+
 TEST(GzipSourceTest, StreamsShareOneSpanPool) {
   GzipSpanPool pool(6 * kSpan);
   GzipOptions options;
