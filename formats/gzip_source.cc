@@ -82,6 +82,28 @@ void copy_from_pieces(std::span<const std::byte* const> pieces, uint64_t offset,
   }
 }
 
+// Compressed offset of the first byte an inflation from `checkpoint` reads: the byte holding its
+// pending bits, if it has any.
+uint64_t first_input_byte(const GzipCheckpoint& checkpoint) {
+  return checkpoint.in_offset - (checkpoint.bits != 0 ? 1 : 0);
+}
+
+// Readies `inflater` to go on from `checkpoint`, given the window before it and the input from
+// first_input_byte(checkpoint) on; returns that input past the byte of pending bits.
+Result<std::span<const std::byte>> start_at(Inflater& inflater, const GzipCheckpoint& checkpoint,
+                                            std::span<const std::byte> window,
+                                            std::span<const std::byte> input) {
+  uint8_t first_bits = 0;
+  if (checkpoint.bits != 0) {
+    if (input.empty()) return Status::Corruption("no input at a checkpoint");
+    first_bits =
+        static_cast<uint8_t>(std::to_integer<unsigned>(input[0]) >> (8 - checkpoint.bits));
+    input = input.subspan(1);
+  }
+  if (Status s = inflater.reset(window, checkpoint.bits, first_bits); !s.ok()) return s;
+  return input;
+}
+
 // Input per inflate call while the frontier looks for a block boundary with an engine that does
 // not stop at one (ISA-L): a boundary shows when a call's input runs out in the next block's
 // header, and a dynamic header is some 60 to 100 bytes. Measured on a 256 MiB tar of /usr: 32-byte
@@ -598,15 +620,8 @@ Result<GzipCheckpoint> GzipSource::checkpoint_here(uint64_t in_offset, uint32_t 
 
 Result<GzipSource::Candidate> GzipSource::check_ahead(GzipCheckpoint checkpoint) const {
   Frontier& f = *frontier_;
-  const uint64_t from = checkpoint.in_offset - (checkpoint.bits != 0 ? 1 : 0);
+  const uint64_t from = first_input_byte(checkpoint);
   if (from < f.input_start) return Status::NotFound("the boundary is before the buffered input");
-  std::span<const std::byte> input =
-      std::span<const std::byte>(f.input).subspan(from - f.input_start, f.in_end - from);
-  uint8_t first_bits = 0;
-  if (checkpoint.bits != 0) {
-    first_bits = static_cast<uint8_t>(std::to_integer<unsigned>(input[0]) >> (8 - checkpoint.bits));
-    input = input.subspan(1);
-  }
   if (f.checker == nullptr) {
     Result<std::unique_ptr<Inflater>> made = make_inflater(InflateEngine::kZlib);
     if (!made.ok()) return made.status();
@@ -614,7 +629,11 @@ Result<GzipSource::Candidate> GzipSource::check_ahead(GzipCheckpoint checkpoint)
   }
   std::vector<std::byte> window(f.history.length());
   f.history.copy_to(window);
-  if (Status s = f.checker->reset(window, checkpoint.bits, first_bits); !s.ok()) return s;
+  Result<std::span<const std::byte>> started = start_at(
+      *f.checker, checkpoint, window,
+      std::span<const std::byte>(f.input).subspan(from - f.input_start, f.in_end - from));
+  if (!started.ok()) return started.status();
+  std::span<const std::byte> input = *started;
   std::array<std::byte, kCandidateCheckBytes> expected;
   uint64_t length = 0;
   while (length < expected.size()) {
@@ -666,7 +685,7 @@ Status GzipSource::fall_back_to_zlib() const {
   if (start->window_bytes != 0) {
     if (Status s = unpack_window(*start, window); !s.ok()) return fail(s.with_context(where));
   }
-  uint64_t in_pos = start->in_offset - (start->bits != 0 ? 1 : 0);
+  uint64_t in_pos = first_input_byte(*start);
   bool started = false;
   // Its own input buffer: until it succeeds, the frontier's state stays as it was, so a failed
   // lower read can be retried by the next step.
@@ -684,15 +703,9 @@ Status GzipSource::fall_back_to_zlib() const {
       pending = std::span<const std::byte>(input).first(length);
       in_pos += length;
       if (!started) {
-        uint8_t first_bits = 0;
-        if (start->bits != 0) {
-          first_bits =
-              static_cast<uint8_t>(std::to_integer<unsigned>(pending[0]) >> (8 - start->bits));
-          pending = pending.subspan(1);
-        }
-        if (Status s = inflater.reset(window, start->bits, first_bits); !s.ok()) {
-          return fail(s.with_context(where));
-        }
+        Result<std::span<const std::byte>> rest = start_at(inflater, *start, window, pending);
+        if (!rest.ok()) return fail(rest.status().with_context(where));
+        pending = *rest;
         started = true;
       }
     }
@@ -967,15 +980,9 @@ Result<std::shared_ptr<const GzipSource::Span>> GzipSource::decode_span(
       pending = std::span<const std::byte>(input).first(length);
       in_pos += length;
       if (!started) {
-        uint8_t first_bits = 0;
-        if (checkpoint.bits != 0) {
-          first_bits =
-              static_cast<uint8_t>(std::to_integer<unsigned>(pending[0]) >> (8 - checkpoint.bits));
-          pending = pending.subspan(1);
-        }
-        if (Status s = inflater.reset(window, checkpoint.bits, first_bits); !s.ok()) {
-          return s.with_context(where);
-        }
+        Result<std::span<const std::byte>> rest = start_at(inflater, checkpoint, window, pending);
+        if (!rest.ok()) return rest.status().with_context(where);
+        pending = *rest;
         started = true;
         continue;
       }

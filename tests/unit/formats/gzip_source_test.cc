@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <mutex>
@@ -564,14 +565,16 @@ TEST(GzipSourceTest, TrailingBytes) {
   EXPECT_EQ(read_through(*opened.gzip).code(), StatusCode::kCorruption);
 }
 
-// Fails reads touching [fail_offset, size) while armed; disarming simulates a recovered store.
+// Fails the reads of [offset, end) that `fails` picks while armed; disarming simulates a
+// recovered store.
 class SwitchableFaultSource final : public BlockSource {
  public:
-  SwitchableFaultSource(std::unique_ptr<BlockSource> lower, uint64_t fail_offset)
-      : lower_(std::move(lower)), fail_offset_(fail_offset) {}
+  SwitchableFaultSource(std::unique_ptr<BlockSource> lower,
+                        std::function<bool(uint64_t offset, uint64_t end)> fails)
+      : lower_(std::move(lower)), fails_(std::move(fails)) {}
   uint64_t size() const override { return lower_->size(); }
   Status read_at(uint64_t offset, std::span<std::byte> out) const override {
-    if (armed_.load() && offset + out.size() > fail_offset_) return Status::IOError("HTTP 503");
+    if (armed_.load() && fails_(offset, offset + out.size())) return Status::IOError("HTTP 503");
     return lower_->read_at(offset, out);
   }
   std::string describe() const override { return "switchable"; }
@@ -579,14 +582,16 @@ class SwitchableFaultSource final : public BlockSource {
 
  private:
   std::unique_ptr<BlockSource> lower_;
-  const uint64_t fail_offset_;
+  const std::function<bool(uint64_t, uint64_t)> fails_;
   std::atomic<bool> armed_{false};
 };
 
 TEST(GzipSourceTest, TransientIoErrorIsNotSticky) {
   const Fixture& f = fixture(6);
+  // Reads reaching into the second half fail.
   auto faulty = std::make_unique<SwitchableFaultSource>(
-      std::make_unique<MemorySource>(f.compressed), f.compressed.size() / 2);
+      std::make_unique<MemorySource>(f.compressed),
+      [half = f.compressed.size() / 2](uint64_t, uint64_t end) { return end > half; });
   SwitchableFaultSource* switchable = faulty.get();
   GzipOptions options;
   options.span_bytes = kSpan;
@@ -921,26 +926,6 @@ TEST(GzipSourceTest, FrontierCheckpointsEveryKindOfBlock) {
 
 // Streams given one pool keep their spans in it, within its budget, and take them out when they
 // go away.
-// Fails reads that start in [from, to) while armed: bytes the frontier has already passed.
-class FailBehindSource final : public BlockSource {
- public:
-  FailBehindSource(std::unique_ptr<BlockSource> lower, uint64_t from, uint64_t to)
-      : lower_(std::move(lower)), from_(from), to_(to) {}
-  uint64_t size() const override { return lower_->size(); }
-  Status read_at(uint64_t offset, std::span<std::byte> out) const override {
-    if (armed_.load() && offset >= from_ && offset < to_) return Status::IOError("HTTP 503");
-    return lower_->read_at(offset, out);
-  }
-  std::string describe() const override { return "fail-behind"; }
-  void set_armed(bool armed) { armed_.store(armed); }
-
- private:
-  std::unique_ptr<BlockSource> lower_;
-  const uint64_t from_;
-  const uint64_t to_;
-  std::atomic<bool> armed_{false};
-};
-
 // The zlib fallback re-reads the span it re-inflates; when one of those reads fails after others
 // succeeded, the frontier is left as it was, and once the store answers again every byte is
 // right.
@@ -954,10 +939,11 @@ TEST(GzipSourceTest, FailedReadDuringTheZlibFallbackIsRetried) {
       data.push_back(static_cast<std::byte>(c));
     }
   }
-  auto faulty = std::make_unique<FailBehindSource>(
+  // Reads that start in [64 KiB, 100 KiB) fail: bytes the frontier has passed by then.
+  auto faulty = std::make_unique<SwitchableFaultSource>(
       std::make_unique<MemorySource>(testing::zlib_compress(data, 31, 6, 0, 8, Z_FIXED)),
-      64 * 1024, 100 * 1024);
-  FailBehindSource* switchable = faulty.get();
+      [](uint64_t offset, uint64_t) { return offset >= 64 * 1024 && offset < 100 * 1024; });
+  SwitchableFaultSource* switchable = faulty.get();
   GzipOptions options;
   options.frontier_engine = InflateEngine::kIsal;
   options.span_bytes = kSpan;
