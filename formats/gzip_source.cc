@@ -96,8 +96,7 @@ Result<std::span<const std::byte>> start_at(Inflater& inflater, const GzipCheckp
   uint8_t first_bits = 0;
   if (checkpoint.bits != 0) {
     if (input.empty()) return Status::Corruption("no input at a checkpoint");
-    first_bits =
-        static_cast<uint8_t>(std::to_integer<unsigned>(input[0]) >> (8 - checkpoint.bits));
+    first_bits = static_cast<uint8_t>(std::to_integer<unsigned>(input[0]) >> (8 - checkpoint.bits));
     input = input.subspan(1);
   }
   if (Status s = inflater.reset(window, checkpoint.bits, first_bits); !s.ok()) return s;
@@ -629,9 +628,9 @@ Result<GzipSource::Candidate> GzipSource::check_ahead(GzipCheckpoint checkpoint)
   }
   std::vector<std::byte> window(f.history.length());
   f.history.copy_to(window);
-  Result<std::span<const std::byte>> started = start_at(
-      *f.checker, checkpoint, window,
-      std::span<const std::byte>(f.input).subspan(from - f.input_start, f.in_end - from));
+  Result<std::span<const std::byte>> started =
+      start_at(*f.checker, checkpoint, window,
+               std::span<const std::byte>(f.input).subspan(from - f.input_start, f.in_end - from));
   if (!started.ok()) return started.status();
   std::span<const std::byte> input = *started;
   std::array<std::byte, kCandidateCheckBytes> expected;
