@@ -582,11 +582,14 @@ Status GzipSource::step_body() const {
     }
   } else if (const std::optional<uint32_t> back = f.inflater->block_boundary();
              back && f.out_total - f.span_start >= options_.span_bytes) {
-    Result<GzipCheckpoint> checkpoint = checkpoint_here(in_offset, *back);
+    std::vector<std::byte> window(f.history.length());
+    f.history.copy_to(window);
+    Result<GzipCheckpoint> checkpoint = checkpoint_here(in_offset, *back, window);
     if (!checkpoint.ok()) return fail(checkpoint.status());
     if (f.inflater->stops_at_block_ends()) {
       start_span(std::move(*checkpoint), f.span_crc, publication);
-    } else if (Result<Candidate> candidate = check_ahead(std::move(*checkpoint)); candidate.ok()) {
+    } else if (Result<Candidate> candidate = check_ahead(std::move(*checkpoint), window);
+               candidate.ok()) {
       f.candidate = std::move(*candidate);
       f.boundary_search_in = 0;
     }
@@ -598,7 +601,8 @@ Status GzipSource::step_body() const {
   return Status::OK();
 }
 
-Result<GzipCheckpoint> GzipSource::checkpoint_here(uint64_t in_offset, uint32_t back) const {
+Result<GzipCheckpoint> GzipSource::checkpoint_here(uint64_t in_offset, uint32_t back,
+                                                   std::span<const std::byte> window) const {
   const Frontier& f = *frontier_;
   if (back > in_offset * 8) {
     return Status::Corruption(describe() + ": inflater reported a block boundary before the data");
@@ -608,16 +612,15 @@ Result<GzipCheckpoint> GzipSource::checkpoint_here(uint64_t in_offset, uint32_t 
   checkpoint.out_offset = f.out_total;
   checkpoint.in_offset = (bit_position + 7) / 8;
   checkpoint.bits = static_cast<uint8_t>(checkpoint.in_offset * 8 - bit_position);
-  checkpoint.window_bytes = static_cast<uint32_t>(f.history.length());
-  std::vector<std::byte> window(f.history.length());
-  f.history.copy_to(window);
+  checkpoint.window_bytes = static_cast<uint32_t>(window.size());
   Result<std::vector<std::byte>> packed = pack_window(window);
   if (!packed.ok()) return packed.status().with_context(describe());
   checkpoint.packed_window = std::move(*packed);
   return checkpoint;
 }
 
-Result<GzipSource::Candidate> GzipSource::check_ahead(GzipCheckpoint checkpoint) const {
+Result<GzipSource::Candidate> GzipSource::check_ahead(GzipCheckpoint checkpoint,
+                                                      std::span<const std::byte> window) const {
   Frontier& f = *frontier_;
   const uint64_t from = first_input_byte(checkpoint);
   if (from < f.input_start) return Status::NotFound("the boundary is before the buffered input");
@@ -626,8 +629,6 @@ Result<GzipSource::Candidate> GzipSource::check_ahead(GzipCheckpoint checkpoint)
     if (!made.ok()) return made.status();
     f.checker = std::move(*made);
   }
-  std::vector<std::byte> window(f.history.length());
-  f.history.copy_to(window);
   Result<std::span<const std::byte>> started =
       start_at(*f.checker, checkpoint, window,
                std::span<const std::byte>(f.input).subspan(from - f.input_start, f.in_end - from));

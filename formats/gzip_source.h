@@ -168,12 +168,13 @@ class GzipSource final : public BlockSource {
   Status advance_step() const;
   Status step_body() const;
   // Frontier only: the checkpoint at the deflate block boundary the inflater stands at, `back`
-  // input bits before in_offset.
-  Result<GzipCheckpoint> checkpoint_here(uint64_t in_offset, uint32_t back) const;
+  // input bits before in_offset; `window` is the member's last 32 KiB of output (or less).
+  Result<GzipCheckpoint> checkpoint_here(uint64_t in_offset, uint32_t back,
+                                         std::span<const std::byte> window) const;
   // Frontier only: inflates a little from a boundary ISA-L reported with zlib, from the input
   // still buffered, and returns it as a candidate carrying the length and CRC32 of that output.
   // Errors: any when zlib cannot inflate from there (the boundary is then not used).
-  Result<Candidate> check_ahead(GzipCheckpoint checkpoint) const;
+  Result<Candidate> check_ahead(GzipCheckpoint checkpoint, std::span<const std::byte> window) const;
   // Frontier only: compares the output after the pending candidate with what check_ahead saw;
   // when it matches, ends the span there, moving the bytes after it to the next span.
   void settle_candidate(Publication& publication) const;

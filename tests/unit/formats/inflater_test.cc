@@ -256,8 +256,14 @@ TEST_P(InflaterStreamTest, ReportedBoundariesAreRealAndTheEndIsExact) {
     EXPECT_EQ(produced, data.size());
     EXPECT_TRUE(std::equal(data.begin(), data.end(), out.begin())) << inflater.name();
     EXPECT_EQ(in_pos - inflater.overread_bytes(), deflated.size()) << inflater.name();
-    if (inflater.stops_at_block_ends()) {
-      EXPECT_GE(reported + 1, real.size()) << inflater.name();  // the first is the stream start
+    // The first of zlib's boundaries is the stream start, which no engine reports.
+    if (inflater.stops_at_block_ends() || c.level == 0) {
+      // zlib sees every block end; so does ISA-L in a stored stream, stepping to each block end.
+      EXPECT_GE(reported + 1, real.size()) << inflater.name();
+    } else if (c.strategy != Z_FIXED && real.size() > 2) {
+      // Small steps show ISA-L some block ends wherever headers are longer than a step, which
+      // is all but fixed-Huffman blocks: without them its frontier would always fall back.
+      EXPECT_GT(reported, 0u) << inflater.name();
     }
     std::cout << c.name << ": " << inflater.name() << " reported " << reported << " of "
               << real.size() - 1 << " block boundaries\n";
